@@ -183,3 +183,57 @@ def diffusion_loss(
         alpha_prod = _per_sample(alphas_cumprod, t, x0)
         target = alpha_prod**0.5 * noise - (1 - alpha_prod) ** 0.5 * x0
     return F.mse_loss(prediction, target)
+
+
+# --- the toy denoiser and the reverse process (chapter 01) -----------------------------------
+
+
+def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sines and cosines of t at geometrically spaced frequencies: (B,) -> (B, dim).
+
+    A network reads a step number far better this way than as one raw number; the U-Net
+    uses the same idea (chapter 04).
+    """
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    angles = t.float()[:, None] * frequencies[None, :]  # (B, half)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
+
+
+class ToyDenoiser(torch.nn.Module):
+    """ε_θ(x_t, t) for 2-D points: a small MLP fed the point and sinusoidal features of t."""
+
+    def __init__(self, data_dim: int = 2, hidden: int = 128, time_dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.time_dim = time_dim
+        layers, width = [], data_dim + time_dim
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
+            width = hidden
+        layers.append(torch.nn.Linear(hidden, data_dim))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # (B,)
+        return self.net(torch.cat([x, sinusoidal_features(t, self.time_dim)], dim=1))  # (B, data_dim)
+
+
+@torch.no_grad()
+def generate(model, scheduler, shape: tuple[int, ...], num_inference_steps: int,
+             generator: torch.Generator | None = None, progress: bool = False, **scheduler_step_kwargs) -> torch.Tensor:
+    """The reverse process: start from pure noise and let the scheduler walk it back, one model call a step.
+
+    The same loop drives every scheduler and, with a U-Net and text, Stable Diffusion itself.
+    """
+    scheduler.set_timesteps(num_inference_steps)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma  # x_T
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc=type(scheduler).__name__, leave=False)
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        prediction = model(model_input, t)
+        x = scheduler.step(prediction, t, x, generator=generator, **scheduler_step_kwargs)
+    return x

@@ -1,0 +1,57 @@
+"""Figures the chapters draw: image grids, 2-D sample clouds, source listings and sliders."""
+from __future__ import annotations
+
+import inspect
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def to_numpy_image(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) floats in [0, 1], clipped, ready for ``imshow``."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image of shape (3, H, W) or (1, H, W), got {tuple(image.shape)}.")
+    array = ((image.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, C)
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def show_images(images, titles=None, ncols: int | None = None, size: float = 2.0, suptitle: str | None = None):
+    """A row (or grid) of images given as a (B, 3, H, W) tensor or a list of (3, H, W), in [-1, 1]."""
+    images = list(images)
+    ncols = ncols or len(images)
+    nrows = (len(images) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if titles else 0)),
+                             squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index < len(images):
+            ax.imshow(to_numpy_image(images[index]), cmap="gray", interpolation="nearest" if images[index].shape[-1] <= 64 else None)
+            if titles is not None:
+                ax.set_title(titles[index], fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_2d(ax, points: torch.Tensor, title: str | None = None, color="C0", limit: float = 3.0):
+    """A 2-D sample cloud on a fixed square frame, so panels can be compared by eye."""
+    points = points.detach().cpu().numpy()
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5, color=color, linewidths=0)
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def show_source(obj) -> None:
+    """Display the package source of a function or class, highlighted, so the page shows the real code."""
+    from IPython.display import Markdown, display
+
+    source = inspect.getsource(obj)
+    module = inspect.getmodule(obj).__name__
+    display(Markdown(f"`{module}.{obj.__qualname__}`\n```python\n{source}```"))

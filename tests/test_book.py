@@ -1,0 +1,39 @@
+"""The book's structure: every chapter in the table of contents exists, starts with the shared
+setup cell, and is committed without outputs."""
+import json
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import sync_setup_cell  # noqa: E402
+
+TOC_FILES = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+def test_every_toc_entry_exists():
+    for entry in TOC_FILES + [re.search(r"root:\s*(\S+)", (ROOT / "_toc.yml").read_text()).group(1)]:
+        assert any((ROOT / f"{entry}{suffix}").is_file() for suffix in (".ipynb", ".md")), entry
+
+
+def test_every_chapter_notebook_is_in_the_toc():
+    assert {f"chapters/{p.stem}" for p in NOTEBOOKS} <= set(TOC_FILES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_starts_with_the_setup_cell(path):
+    first = json.loads(path.read_text())["cells"][0]
+    assert "".join(first["source"]) == sync_setup_cell.setup_cell_source(), (
+        f"{path.name}: the first cell is not the shared setup cell; run `python tools/sync_setup_cell.py`.")
+    assert sync_setup_cell.repository_url() in "".join(first["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_is_committed_without_outputs(path):
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"] and cell["execution_count"] is None, f"{path.name}: clear the outputs"
