@@ -147,3 +147,12 @@ def check_ddim_step(learner: Callable, seed: int = 0) -> CheckResult:
 
     mistakes = {"returned the predicted x_0 without moving it to the previous noise level": forgot_renoise}
     return compare("ddim_step", learner, reference_ddim_step, cases, mistakes)
+
+
+# --- chapter 02: the VAE ---------------------------------------------------------------------
+
+
+# --- chapter 03: CLIP ------------------------------------------------------------------------
+
+
+# --- chapter 04: the U-Net -------------------------------------------------------------------

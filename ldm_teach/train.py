@@ -36,3 +36,9 @@ def train_toy_denoiser(model: torch.nn.Module, sample_data: Callable[[int, torch
         if step % 100 == 0:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
     return losses
+
+
+# --- chapter 02: the VAE ---------------------------------------------------------------------
+
+
+# --- chapter 03: CLIP ------------------------------------------------------------------------

@@ -42,3 +42,12 @@ def test_ddim_mistake_is_recognised():
     result = exercises.check_ddim_step(forgot)
     assert not result and "previous noise level" in result.message
     assert torch.is_tensor(forgot(torch.zeros(1), torch.zeros(1), torch.tensor(0.5), torch.tensor(0.6)))
+
+
+# --- chapter 02: the VAE ---
+
+
+# --- chapter 03: CLIP ---
+
+
+# --- chapter 04: the U-Net ---

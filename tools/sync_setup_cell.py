@@ -1,4 +1,4 @@
-"""Write the shared first cell into every chapter, with the repository URL from _config.yml.
+"""Write the shared first cell and metadata into every chapter, with the repository URL from _config.yml.
 
 The URL lives in one place, `repository.url` in _config.yml; run this after changing it
 (a fork, say). tests/test_book.py fails when a chapter's first cell is out of date.
@@ -36,19 +36,28 @@ def setup_cell() -> dict:
             "metadata": {"tags": ["setup"]}, "outputs": [], "source": setup_cell_source().splitlines(keepends=True)}
 
 
+# A Python 3 kernel everywhere, and in Colab a GPU runtime (T4) from the start.
+METADATA = {
+    "accelerator": "GPU",
+    "colab": {"gpuType": "T4", "provenance": []},
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
 def sync(path: pathlib.Path) -> bool:
-    """Make the notebook's first cell the setup cell; True if the file changed."""
-    notebook = json.loads(path.read_text())
+    """Make the notebook's first cell the setup cell and set its metadata; True if the file changed."""
+    before = path.read_text()
+    notebook = json.loads(before)
     cells = notebook["cells"]
-    has_setup = cells and "setup" in cells[0].get("metadata", {}).get("tags", [])
-    if has_setup and "".join(cells[0]["source"]) == setup_cell_source():
-        return False
-    if has_setup:
+    if cells and "setup" in cells[0].get("metadata", {}).get("tags", []):
         cells[0] = setup_cell()
     else:
         cells.insert(0, setup_cell())
-    path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
-    return True
+    notebook["metadata"] = METADATA
+    after = json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+    path.write_text(after)
+    return after != before
 
 
 if __name__ == "__main__":
