@@ -170,13 +170,13 @@ TOY_DISTRIBUTIONS = ("spiral", "ring")
 def toy_2d(num_samples: int, name: str = "spiral", generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples (N, 2) of a 2-D distribution with structure a model must learn, scaled to about [-2, 2].
 
-    * ``spiral``: points along a two-turn spiral arm, with a little noise;
+    * ``spiral``: points along a spiral arm of one and a half turns, with a little noise;
     * ``ring``: a mixture of 8 Gaussians on a circle (the classic test of mode coverage).
     """
     if name == "spiral":
         radius_fraction = torch.rand(num_samples, generator=generator).sqrt()  # denser arm towards the rim
-        angle = radius_fraction * 4 * torch.pi
-        radius = 0.3 + 1.7 * radius_fraction
+        angle = radius_fraction * 3 * torch.pi
+        radius = 0.4 + 1.6 * radius_fraction
         points = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)  # (N, 2)
         return points + 0.06 * torch.randn(num_samples, 2, generator=generator)
     if name == "ring":

@@ -23,7 +23,8 @@ def main() -> int:
     parser.add_argument("--from-outputs", action="store_true", help="render stored outputs, do not execute")
     args = parser.parse_args()
 
-    command = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "-W", "--keep-going"]
+    jupyter_book = pathlib.Path(sys.executable).with_name("jupyter-book")  # the CLI beside this Python
+    command = [str(jupyter_book), "build", str(ROOT), "-W", "--keep-going"]
     if args.student or args.from_outputs:
         config = yaml.safe_load((ROOT / "_config.yml").read_text())
         if args.student:

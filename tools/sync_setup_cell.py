@@ -33,7 +33,7 @@ rt = runtime.setup()'''
 
 def setup_cell() -> dict:
     return {"cell_type": "code", "execution_count": None, "id": "setup",
-            "metadata": {"tags": ["setup"]}, "outputs": [], "source": setup_cell_source().splitlines(keepends=True)}
+            "metadata": {"tags": ["setup", "hide-input"]}, "outputs": [], "source": setup_cell_source().splitlines(keepends=True)}
 
 
 # A Python 3 kernel everywhere, and in Colab a GPU runtime (T4) from the start.
