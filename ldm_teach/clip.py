@@ -111,6 +111,26 @@ def clean_text(text: str) -> str:
     return "".join(character.lower() for character in text)
 
 
+def merge_best_pair(parts: list[str], bpe_ranks: dict[tuple[str, str], int]) -> list[str] | None:
+    """One BPE step (section 03.2): merge every occurrence of the best-ranked adjacent pair.
+
+    ``bpe_ranks`` maps a pair of symbols to its rank, 0 for the merge learnt first. Returns the
+    new list of symbols, or None when no adjacent pair is a known merge (the word is finished).
+    """
+    best = min(zip(parts, parts[1:]), key=lambda pair: bpe_ranks.get(pair, math.inf), default=None)
+    if best not in bpe_ranks:
+        return None
+    merged, i = [], 0
+    while i < len(parts):
+        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
+
+
 class Tokenizer:
     """CLIP's byte-level BPE tokenizer: prompts in, (B, 77) token ids out (section 03.2).
 
@@ -192,18 +212,9 @@ class Tokenizer:
             return self.cache[word]
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
-            if best not in self.bpe_ranks:
+            merged = merge_best_pair(parts, self.bpe_ranks)
+            if merged is None:
                 break
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
             parts = merged
         self.cache[word] = parts
         return parts
@@ -483,6 +494,12 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(image_config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the temperature, as a log
         self.end_token_id = end_token_id
+        # CLIP's small initial embeddings (std 0.02 for tokens, 0.01 for positions): with nn.Embedding's
+        # default std of 1 the raw end-token embedding swamps every caption's pooled feature, and
+        # training sits on a plateau where all captions look alike.
+        for embedding, std in ((self.text_encoder.token_embedding, 0.02), (self.text_encoder.position_embedding, 0.01),
+                               (self.image_encoder.position_embedding, 0.01)):
+            nn.init.normal_(embedding.weight, std=std)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         features = self.text_encoder(input_ids)  # (B, L, D)
@@ -501,3 +518,14 @@ def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric loss: text i must pick image i out of the batch, and image i text i."""
     targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
     return (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.T, targets)) / 2
+
+
+def zero_shot_weights(text_features: torch.Tensor) -> torch.Tensor:
+    """One unit vector per class from the embeddings of its prompts (section 03.1, zero-shot).
+
+    ``text_features`` (C, T, D) embeds each of C classes with T prompt templates ("a photo of a
+    {}", ...). Each embedding is scaled to unit length, the T are averaged, and the mean is scaled
+    to unit length again, as in the CLIP paper's prompt ensembling. An image's class is then the
+    row with the largest cosine similarity: ``(image_features @ weights.T).argmax(dim=1)``.
+    """
+    return F.normalize(F.normalize(text_features, dim=-1).mean(dim=1), dim=-1)  # (C, D)

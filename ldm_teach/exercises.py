@@ -152,7 +152,365 @@ def check_ddim_step(learner: Callable, seed: int = 0) -> CheckResult:
 # --- chapter 02: the VAE ---------------------------------------------------------------------
 
 
+def _posterior(mean: torch.Tensor, logvar: torch.Tensor):
+    from .vae import DiagonalGaussian  # imported here: each chapter's checkers keep their imports to themselves
+
+    return DiagonalGaussian(torch.cat([mean, logvar], dim=1))  # moments (B, 2C, h, w)
+
+
+def _latent_moments(generator: torch.Generator) -> list[dict]:
+    cases = []
+    for shape in [(2, 4, 8, 8), (3, 4, 5, 7), (1, 2, 4, 4)]:
+        cases.append(dict(
+            mean=2 * torch.randn(shape, generator=generator),
+            logvar=torch.empty(shape).uniform_(-8.0, 2.0, generator=generator),
+        ))
+    return cases
+
+
+def _wrong_shape(name: str, learner: Callable, case: dict, expected: torch.Tensor, hint: str) -> CheckResult | None:
+    """A verdict when the learner's result has the wrong shape, with a hint for this exercise; None otherwise."""
+    try:
+        got = learner(**{k: v.clone() for k, v in case.items()})
+    except Exception:
+        return None  # compare() reports the exception with the inputs
+    if isinstance(got, torch.Tensor) and got.shape != expected.shape:
+        return _verdict(False, f"{name}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}. {hint}")
+    return None
+
+
+def check_reparameterise(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 02): ``reparameterise(mean, logvar, eps)`` -> z = mean + std * eps, differentiable."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(**moments, eps=torch.randn(moments["mean"].shape, generator=generator))
+             for moments in _latent_moments(generator)]
+
+    def reference(mean, logvar, eps):
+        posterior = _posterior(mean, logvar)
+        return posterior.mean + posterior.std * eps
+
+    mistakes = {
+        "the log-variance used as the standard deviation (mean + logvar * eps)":
+            lambda mean, logvar, eps: mean + logvar * eps,
+        "the variance used where the standard deviation belongs (exp(logvar) instead of exp(0.5 * logvar))":
+            lambda mean, logvar, eps: mean + logvar.exp() * eps,
+        "the square root taken twice (exp(0.25 * logvar))":
+            lambda mean, logvar, eps: mean + (0.25 * logvar).exp() * eps,
+        "eps left out: that returns the mean, the mode, not a sample": lambda mean, logvar, eps: mean,
+    }
+    try:  # the point of the trick: gradients reach mean and logvar
+        mean, logvar = (cases[0][key].clone().requires_grad_(True) for key in ("mean", "logvar"))
+        z = learner(mean, logvar, cases[0]["eps"].clone())
+        detached = isinstance(z, torch.Tensor) and not z.requires_grad and torch.allclose(z, reference(**cases[0]), atol=1e-4)
+    except Exception:  # fails only when gradients are on (e.g. .numpy())? Otherwise compare() reports it.
+        try:
+            learner(**{key: value.clone() for key, value in cases[0].items()})
+            detached = True
+        except Exception:
+            detached = False
+    if detached:
+        return _verdict(False, "reparameterise: the values are right, but no gradient reaches mean and logvar; "
+                               "build z from them with torch operations (no .detach(), .item() or NumPy), which is "
+                               "the whole point of the trick.")
+    return compare("reparameterise", learner, reference, cases, mistakes, atol=1e-4)
+
+
+def check_kl_divergence(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 02): ``kl_divergence(mean, logvar)`` -> KL(N(mean, exp(logvar)) || N(0, I)) per sample, (B,)."""
+    cases = _latent_moments(torch.Generator().manual_seed(seed))
+
+    def reference(mean, logvar):
+        return _posterior(mean, logvar).kl()
+
+    wrong = _wrong_shape("kl_divergence", learner, cases[0], reference(**cases[0]),
+                         "Return one KL per image: sum over the channel and spatial dimensions (1, 2, 3) only.")
+    if wrong is not None:
+        return wrong
+    mistakes = {
+        "the factor 1/2 left out": lambda mean, logvar: 2 * reference(mean, logvar),
+        "a mean over the latent entries instead of a sum":
+            lambda mean, logvar: reference(mean, logvar) / mean[0].numel(),
+        "the sign of the log-variance term flipped (+ logvar instead of - logvar)":
+            lambda mean, logvar: 0.5 * torch.sum(mean**2 + logvar.exp() - 1 + logvar, dim=(1, 2, 3)),
+        "the standard deviation used where the variance belongs (exp(0.5 * logvar) instead of exp(logvar))":
+            lambda mean, logvar: 0.5 * torch.sum(mean**2 + (0.5 * logvar).exp() - 1 - logvar, dim=(1, 2, 3)),
+        "the mean's term left out (KL of the spread alone)":
+            lambda mean, logvar: 0.5 * torch.sum(logvar.exp() - 1 - logvar, dim=(1, 2, 3)),
+    }
+    return compare("kl_divergence", learner, reference, cases, mistakes, atol=1e-3)
+
+
+def reference_scaling_factor(latents: torch.Tensor) -> torch.Tensor:
+    """LDM's rule: one number, 1 / (the standard deviation of every latent value in the batch)."""
+    return 1.0 / latents.flatten().std()
+
+
+def check_scaling_factor(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 02): ``scaling_factor(latents)`` -> the one number that gives a batch of latents unit variance."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for shape, spread, offset in [((8, 4, 16, 16), 5.49, 0.8), ((16, 4, 8, 8), 2.5, -0.3), ((4, 4, 32, 16), 4.0, 1.5)]:
+        channel_spread = spread * torch.tensor([1.0, 0.6, 1.3, 0.9]).view(1, 4, 1, 1)  # channels differ, as SD's do
+        cases.append(dict(latents=offset + channel_spread * torch.randn(shape, generator=generator)))
+
+    def as_tensor(latents):
+        value = learner(latents)
+        return torch.tensor(float(value)) if isinstance(value, (float, int)) else value
+
+    wrong = _wrong_shape("scaling_factor", as_tensor, cases[0], reference_scaling_factor(**cases[0]),
+                         "Return one number for the whole batch: SD multiplies every channel by the same factor.")
+    if wrong is not None:
+        return wrong
+    mistakes = {
+        "the standard deviation itself, not its reciprocal": lambda latents: latents.flatten().std(),
+        "1 / variance instead of 1 / standard deviation": lambda latents: 1.0 / latents.flatten().var(),
+        "1 / root mean square: the mean was not subtracted (std measures the spread about the mean)":
+            lambda latents: latents.pow(2).mean().rsqrt(),
+        "the average of per-channel factors instead of one factor from all values":
+            lambda latents: (1.0 / latents.transpose(0, 1).flatten(1).std(dim=1)).mean(),
+    }
+    return compare("scaling_factor", as_tensor, reference_scaling_factor, cases, mistakes, atol=1e-4)
+
+
 # --- chapter 03: CLIP ------------------------------------------------------------------------
 
 
+def _merge_first_only(parts, bpe_ranks):
+    best = min(zip(parts, parts[1:]), key=lambda pair: bpe_ranks.get(pair, float("inf")), default=None)
+    if best not in bpe_ranks:
+        return None
+    i = next(i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) == best)
+    return parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+
+
+def _merge_worst_rank(parts, bpe_ranks):
+    known = [pair for pair in zip(parts, parts[1:]) if pair in bpe_ranks]
+    if not known:
+        return None
+    best = max(known, key=bpe_ranks.get)
+    return _merge_first_only(parts, {best: 0})
+
+
+def check_bpe_merge(learner: Callable) -> CheckResult:
+    """Exercise (chapter 03): ``merge_step(parts, bpe_ranks)``, one BPE step, or None when no pair is a merge.
+
+    It replays the whole merge sequence of several words (one with a repeated pair) and compares
+    every step with ``clip.merge_best_pair``.
+    """
+    from . import clip
+
+    bpe_ranks = clip.Tokenizer().bpe_ranks
+    mistakes = {
+        "only the first occurrence of the best pair was merged; merge every occurrence": _merge_first_only,
+        "the pair with the *largest* rank was merged; rank 0 is the merge learnt first, the best one":
+            _merge_worst_rank,
+    }
+    words = ["photograph", "mississippi", "lowest", "astronaut", "banana", "zzzzzz", "a"]
+    steps = 0
+    for word in words:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while True:
+            expected = clip.merge_best_pair(parts, bpe_ranks)
+            try:
+                got = learner(list(parts), bpe_ranks)
+            except Exception as error:  # the learner's code may fail in any way; report it, don't crash
+                return _verdict(False, f"merge_step: your function raised {type(error).__name__}: {error}\n"
+                                       f"  on parts={parts}.")
+            steps += 1
+            if got != expected:
+                message = f"merge_step: on parts={parts}\n  expected {expected}, got {got}."
+                if expected is None:
+                    message += "\n  No adjacent pair of these is in bpe_ranks: the word is finished, return None."
+                for mistake, wrong in mistakes.items():
+                    if got == wrong(parts, bpe_ranks):
+                        message += f"\n  Hint: {mistake}."
+                        break
+                return _verdict(False, message)
+            if expected is None:
+                break
+            parts = expected
+    return _verdict(True, f"merge_step: correct at all {steps} steps of {len(words)} words.")
+
+
+def reference_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v, where the mask hides every later position (what ``is_causal=True`` does)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def check_causal_attention(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 03): ``causal_attention(q, k, v)`` on (B, heads, L, d) tensors, written out by hand."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(q=torch.randn(shape, generator=generator), k=torch.randn(shape, generator=generator),
+                  v=torch.randn(shape, generator=generator)) for shape in [(2, 4, 7, 16), (1, 1, 77, 8), (3, 2, 1, 4)]]
+
+    def later_only(q, k, v):
+        L = q.shape[-2]
+        return sdpa(q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).triu())
+
+    mistakes = {
+        "no mask: every position attends to later ones too": lambda q, k, v: sdpa(q, k, v),
+        "the mask is the wrong way round: position i sees i and the positions *after* it": later_only,
+        "the scores were not divided by √d": lambda q, k, v: sdpa(q, k, v, is_causal=True, scale=1.0),
+    }
+    return compare("causal_attention", learner, reference_causal_attention, cases, mistakes)
+
+
+def check_contrastive_loss(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 03): ``clip_loss(logits_per_text)``, CLIP's symmetric cross-entropy, a scalar."""
+    from . import clip
+
+    F = torch.nn.functional
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(logits_per_text=torch.randn(n, n, generator=generator) * scale) for n, scale in [(8, 3.0), (5, 10.0), (32, 1.0)]]
+
+    def targets(logits):
+        return torch.arange(len(logits))
+
+    mistakes = {
+        "only texts pick images; add the loss of images picking texts (the transposed logits) and average":
+            lambda logits_per_text: F.cross_entropy(logits_per_text, targets(logits_per_text)),
+        "only images pick texts; add the loss of texts picking images and average":
+            lambda logits_per_text: F.cross_entropy(logits_per_text.T, targets(logits_per_text)),
+        "the two directions were added, not averaged": lambda logits_per_text: 2 * clip.contrastive_loss(logits_per_text),
+    }
+    return compare("clip_loss", learner, clip.contrastive_loss, cases, mistakes)
+
+
+def reference_zero_shot(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Class ids (N,): each image's nearest class by cosine similarity, the class being its prompts' mean direction."""
+    from . import clip
+
+    image_features = torch.nn.functional.normalize(image_features, dim=-1)  # (N, D)
+    return (image_features @ clip.zero_shot_weights(text_features).T).argmax(dim=1)  # (N,)
+
+
+def check_zero_shot(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 03): ``zero_shot_classify(image_features, text_features)`` with (N, D) and (C, T, D) inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for n, classes, templates, width in [(200, 10, 3, 16), (300, 24, 5, 32), (50, 4, 1, 8)]:
+        # lengths that vary a lot, so that leaving out a normalisation changes the answer
+        lengths = torch.rand(classes, templates, 1, generator=generator) * 20 + 0.1
+        cases.append(dict(image_features=torch.randn(n, width, generator=generator) * 5,
+                          text_features=torch.randn(classes, templates, width, generator=generator) * lengths))
+    mistakes = {
+        "dot products without normalising: scale every text embedding to unit length first":
+            lambda image_features, text_features: (image_features @ text_features.mean(dim=1).T).argmax(dim=1),
+        "the templates were averaged before each was scaled to unit length, so the longest dominates":
+            lambda image_features, text_features: (image_features @ torch.nn.functional.normalize(
+                text_features.mean(dim=1), dim=-1).T).argmax(dim=1),
+    }
+    return compare("zero_shot_classify", learner, reference_zero_shot, cases, mistakes, atol=0)
+
+
 # --- chapter 04: the U-Net -------------------------------------------------------------------
+
+
+def check_timestep_embedding(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 04): ``timestep_embedding(t, dim)`` -> (B, dim), SD's sinusoidal features
+    (cosines first, frequencies exp(-ln(10000) i / (dim/2)) for i = 0 .. dim/2 - 1)."""
+    from .unet import timestep_embedding
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(t=torch.randint(0, 1000, (batch,), generator=generator), dim=dim)
+             for batch, dim in [(5, 16), (3, 320), (1, 64)]]
+    mistakes = {
+        "sin and cos in the wrong order (SD puts the cosines first: flip_sin_to_cos=True)":
+            lambda t, dim: timestep_embedding(t, dim, flip_sin_to_cos=False),
+        "the exponent divided by dim/2 - 1 instead of dim/2 (that is freq_shift=1, DDPM's variant)":
+            lambda t, dim: timestep_embedding(t, dim, freq_shift=1),
+        "sin and cos interleaved (sin t f_0, cos t f_0, sin t f_1, ...) instead of all cosines, then all sines":
+            lambda t, dim: torch.stack(timestep_embedding(t, dim, flip_sin_to_cos=False).chunk(2, dim=-1),
+                                       dim=-1).flatten(1),
+    }
+    return compare("timestep_embedding", learner, timestep_embedding, cases, mistakes, atol=1e-4)
+
+
+def check_cross_attention(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 04): ``cross_attention(x, context, attention)``, what the package's
+    ``Attention`` layer ``attention`` computes for image tokens x (B, N, C) and text tokens context
+    (B, L, D), written with its weights (to_q, to_k, to_v, to_out) and its heads and head_dim."""
+    from .unet import Attention
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, tokens, length, query_dim, context_dim, heads in [(2, 16, 7, 32, 24, 4), (1, 9, 77, 16, 16, 2),
+                                                                 (3, 4, 3, 8, 12, 1)]:
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))
+        attention = Attention(query_dim, heads, query_dim // heads, context_dim=context_dim).eval().requires_grad_(False)
+        cases.append(dict(x=torch.randn(batch, tokens, query_dim, generator=generator),
+                          context=torch.randn(batch, length, context_dim, generator=generator),
+                          attention=attention))
+
+    def reference(x, context, attention):
+        with torch.no_grad():
+            return attention(x, context)
+
+    def variant(scale_dim=None, softmax_dim=-1, split_heads=True):
+        def attend(x, context, attention):
+            B, N, _ = x.shape
+            heads, head_dim = (attention.heads, attention.head_dim) if split_heads else (1, attention.heads * attention.head_dim)
+            with torch.no_grad():
+                q = attention.to_q(x).view(B, N, heads, head_dim).transpose(1, 2)
+                k = attention.to_k(context).view(B, context.shape[1], heads, head_dim).transpose(1, 2)
+                v = attention.to_v(context).view(B, context.shape[1], heads, head_dim).transpose(1, 2)
+                scores = q @ k.transpose(-1, -2) / (scale_dim or head_dim) ** 0.5
+                out = scores.softmax(dim=softmax_dim) @ v
+                return attention.to_out(out.transpose(1, 2).reshape(B, N, heads * head_dim))
+        return attend
+
+    mistakes = {
+        "no 1/√d scaling of the scores": variant(scale_dim=1),
+        "the scores scaled by 1/√(heads·head_dim) instead of 1/√head_dim": lambda x, context, attention: variant(
+            scale_dim=attention.heads * attention.head_dim)(x, context, attention),
+        "the softmax taken over the image tokens (dim -2) instead of over the text tokens (dim -1)":
+            variant(softmax_dim=-2),
+        "one head of heads·head_dim channels instead of `heads` heads of head_dim": variant(split_heads=False),
+    }
+    return compare("cross_attention", learner, reference, cases, mistakes, atol=1e-5)
+
+
+def check_resblock_forward(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 04): ``resblock_forward(block, x, time_emb)``, what the package's ``ResBlock``
+    ``block`` computes, written with its layers (norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut)."""
+    import torch.nn.functional as F
+
+    from .unet import ResBlock
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, in_channels, out_channels, side, time_dim in [(2, 8, 16, 6, 32), (1, 16, 16, 5, 24), (3, 8, 8, 4, 16)]:
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))
+        block = ResBlock(in_channels, out_channels, time_dim, groups=4, eps=1e-5).eval()
+        with torch.no_grad():  # make the norms' affine parameters matter
+            for name, parameter in block.named_parameters():
+                if "norm" in name:
+                    parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        block.requires_grad_(False)
+        cases.append(dict(block=block, x=torch.randn(batch, in_channels, side, side, generator=generator),
+                          time_emb=torch.randn(batch, time_dim, generator=generator)))
+
+    def reference(block, x, time_emb):
+        with torch.no_grad():
+            return block(x, time_emb)
+
+    def variant(time_silu=True, time_after_conv2=False, skip=True):
+        def forward(block, x, time_emb):
+            with torch.no_grad():
+                time = block.time_emb_proj(F.silu(time_emb) if time_silu else time_emb)[:, :, None, None]
+                h = block.conv1(F.silu(block.norm1(x)))
+                h = h if time_after_conv2 else h + time
+                h = block.conv2(F.silu(block.norm2(h)))
+                h = h + time if time_after_conv2 else h
+                if not skip:
+                    return h
+                return h + (x if block.conv_shortcut is None else block.conv_shortcut(x))
+        return forward
+
+    mistakes = {
+        "no SiLU on the time embedding before time_emb_proj": variant(time_silu=False),
+        "the time embedding added after the second conv instead of after the first": variant(time_after_conv2=True),
+        "the skip connection left out (return skip + h)": variant(skip=False),
+    }
+    return compare("resblock_forward", learner, reference, cases, mistakes, atol=1e-5)

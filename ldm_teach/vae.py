@@ -73,12 +73,17 @@ class VAEConfig:
         return cls()
 
     @classmethod
-    def tiny(cls) -> "VAEConfig":
-        """A VAE small enough to train on a CPU in the chapter: three levels (f = 4), about 1M parameters.
+    def tiny(cls, downsample_factor: int = 4) -> "VAEConfig":
+        """A VAE small enough to train on a CPU in the chapter: 16 then 32 channels, 4 latent channels.
 
-        Its ``scaling_factor`` is 1 until the chapter measures the latents' spread after training.
+        ``downsample_factor`` (f, a power of two) sets the number of levels, 1 + log2(f); the
+        default f = 4 has three levels and about 240k parameters. Its ``scaling_factor`` is 1
+        until the chapter measures the latents' spread after training.
         """
-        return cls(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+        if downsample_factor < 1 or downsample_factor & (downsample_factor - 1):
+            raise ValueError(f"downsample_factor={downsample_factor} is not a power of two; use 1, 2, 4, 8, 16, ...")
+        levels = downsample_factor.bit_length()  # f = 2 ** (levels - 1)
+        return cls(block_out_channels=(16,) + (32,) * (levels - 1), layers_per_block=1, norm_num_groups=8,
                    sample_size=32, scaling_factor=1.0)
 
     @classmethod

@@ -55,3 +55,29 @@ def show_source(obj) -> None:
     source = inspect.getsource(obj)
     module = inspect.getmodule(obj).__name__
     display(Markdown(f"`{module}.{obj.__qualname__}`\n```python\n{source}```"))
+
+
+def interactive_figure(draw, **controls):
+    """A figure that redraws when a control changes: ``draw(**values)`` returns a matplotlib Figure.
+
+    ``controls`` are ipywidgets (sliders, dropdowns) named like ``draw``'s arguments. The figure is
+    shown as an image widget rather than through ``ipywidgets.interact``'s captured output, so a
+    notebook executed without a browser (nbmake, the book build) never waits on it.
+    """
+    import io
+
+    import ipywidgets as widgets
+
+    image = widgets.Image(format="png")
+
+    def redraw(_change=None):
+        figure = draw(**{name: control.value for name, control in controls.items()})
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+        plt.close(figure)
+        image.value = buffer.getvalue()
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([*controls.values(), image])

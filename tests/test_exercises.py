@@ -47,7 +47,135 @@ def test_ddim_mistake_is_recognised():
 # --- chapter 02: the VAE ---
 
 
+def test_vae_correct_answers_pass(capsys):
+    assert exercises.check_reparameterise(lambda mean, logvar, eps: mean + torch.exp(0.5 * logvar) * eps)
+    assert exercises.check_kl_divergence(
+        lambda mean, logvar: -0.5 * torch.sum(1 + logvar - mean**2 - logvar.exp(), dim=(1, 2, 3)))
+    assert exercises.check_scaling_factor(lambda latents: 1 / latents.std())
+    assert exercises.check_scaling_factor(lambda latents: float(1 / latents.std()))  # a plain float is fine too
+    assert exercises.check_scaling_factor(lambda latents: 1 / latents.std(unbiased=False))  # either std estimate
+    assert capsys.readouterr().out.count("✅") == 5
+
+
+def test_reparameterise_mistakes_are_named():
+    result = exercises.check_reparameterise(lambda mean, logvar, eps: mean + logvar.exp() * eps)
+    assert not result and "exp(0.5 * logvar)" in result.message and "worst |difference|" in result.message
+    result = exercises.check_reparameterise(lambda mean, logvar, eps: mean + logvar * eps)
+    assert not result and "log-variance used as the standard deviation" in result.message
+    result = exercises.check_reparameterise(lambda mean, logvar, eps: (mean + (0.5 * logvar).exp() * eps).detach())
+    assert not result and "no gradient reaches mean and logvar" in result.message
+
+
+def test_kl_divergence_mistakes_are_named():
+    def full(mean, logvar):
+        return 0.5 * (mean**2 + logvar.exp() - 1 - logvar)
+
+    result = exercises.check_kl_divergence(lambda mean, logvar: full(mean, logvar).sum(dim=(1, 2, 3)) * 2)
+    assert not result and "factor 1/2" in result.message
+    result = exercises.check_kl_divergence(lambda mean, logvar: full(mean, logvar).mean(dim=(1, 2, 3)))
+    assert not result and "a mean over the latent entries" in result.message
+    result = exercises.check_kl_divergence(lambda mean, logvar: full(mean, logvar).sum())
+    assert not result and "expected shape (2,), got ()" in result.message and "one KL per image" in result.message
+
+
+def test_scaling_factor_mistakes_are_named():
+    result = exercises.check_scaling_factor(lambda latents: latents.std())
+    assert not result and "not its reciprocal" in result.message
+    result = exercises.check_scaling_factor(lambda latents: latents.pow(2).mean().rsqrt())
+    assert not result and "mean was not subtracted" in result.message
+    result = exercises.check_scaling_factor(lambda latents: 1 / latents.std(dim=(0, 2, 3)))
+    assert not result and "one number for the whole batch" in result.message
+    result = exercises.check_scaling_factor(lambda latents: None)
+    assert not result and "returned NoneType" in result.message
+
+
 # --- chapter 03: CLIP ---
 
 
+def test_clip_checkers_pass_correct_answers(capsys):
+    from ldm_teach import clip
+
+    assert exercises.check_bpe_merge(clip.merge_best_pair)
+    assert exercises.check_causal_attention(exercises.reference_causal_attention)
+    assert exercises.check_contrastive_loss(clip.contrastive_loss)
+    assert exercises.check_zero_shot(exercises.reference_zero_shot)
+    assert capsys.readouterr().out.count("✅") == 4
+
+
+def test_bpe_checker_names_the_mistake():
+    result = exercises.check_bpe_merge(exercises._merge_first_only)
+    assert not result and "every occurrence" in result.message
+    result = exercises.check_bpe_merge(exercises._merge_worst_rank)
+    assert not result and "largest" in result.message
+    result = exercises.check_bpe_merge(lambda parts, bpe_ranks: parts)  # never finishes, never merges
+    assert not result and "expected" in result.message
+    result = exercises.check_bpe_merge(lambda parts, bpe_ranks: 1 / 0)
+    assert not result and "ZeroDivisionError" in result.message
+
+
+def test_clip_checkers_reject_wrong_answers():
+    F = torch.nn.functional
+    result = exercises.check_causal_attention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    assert not result and "no mask" in result.message
+    result = exercises.check_causal_attention(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0))
+    assert not result and "√d" in result.message
+
+    def one_way(logits_per_text):
+        return F.cross_entropy(logits_per_text, torch.arange(len(logits_per_text)))
+
+    result = exercises.check_contrastive_loss(one_way)
+    assert not result and "transposed" in result.message
+
+    def unnormalised(image_features, text_features):
+        return (image_features @ text_features.mean(dim=1).T).argmax(dim=1)
+
+    def averaged_first(image_features, text_features):
+        return (image_features @ F.normalize(text_features.mean(dim=1), dim=-1).T).argmax(dim=1)
+
+    result = exercises.check_zero_shot(unnormalised)
+    assert not result and "without normalising" in result.message
+    result = exercises.check_zero_shot(averaged_first)
+    assert not result and "longest dominates" in result.message
+    result = exercises.check_zero_shot(lambda image_features, text_features: averaged_first(
+        image_features, text_features).float())
+    assert not result and "dtype" in result.message
+
+
 # --- chapter 04: the U-Net ---
+
+
+def test_unet_checkers_pass_the_package_and_name_the_mistakes(capsys):
+    import torch.nn.functional as F
+
+    from ldm_teach import unet
+
+    assert exercises.check_timestep_embedding(unet.timestep_embedding)
+    assert exercises.check_cross_attention(lambda x, context, attention: attention(x, context))
+    assert exercises.check_resblock_forward(lambda block, x, time_emb: block(x, time_emb))
+    assert capsys.readouterr().out.count("✅") == 3
+
+    result = exercises.check_timestep_embedding(lambda t, dim: unet.timestep_embedding(t, dim, flip_sin_to_cos=False))
+    assert not result and "wrong order" in result.message
+
+    def unscaled(x, context, attention):
+        B, N, _ = x.shape
+        h, d = attention.heads, attention.head_dim
+        q = attention.to_q(x).view(B, N, h, d).transpose(1, 2)
+        k = attention.to_k(context).view(B, -1, h, d).transpose(1, 2)
+        v = attention.to_v(context).view(B, -1, h, d).transpose(1, 2)
+        out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return attention.to_out(out.transpose(1, 2).reshape(B, N, h * d))
+
+    result = exercises.check_cross_attention(unscaled)
+    assert not result and "no 1/√d scaling" in result.message
+
+    def no_skip(block, x, time_emb):
+        h = block.conv1(F.silu(block.norm1(x))) + block.time_emb_proj(F.silu(time_emb))[:, :, None, None]
+        return block.conv2(F.silu(block.norm2(h)))
+
+    result = exercises.check_resblock_forward(no_skip)
+    assert not result and "skip connection" in result.message
+
+    result = exercises.check_resblock_forward(lambda block, x, time_emb: x)
+    assert not result and "expected shape" in result.message

@@ -194,6 +194,19 @@ def test_sd_vae_parameter_count_on_meta_device():
     assert VAEConfig.sd().downsample_factor == 8 and VAEConfig.tiny().downsample_factor == 4
 
 
+@pytest.mark.parametrize("f", [1, 2, 8, 16])
+def test_tiny_config_for_each_downsampling_factor(f):
+    config = VAEConfig.tiny(f)
+    assert config.downsample_factor == f and config.latent_channels == 4
+    posterior = AutoencoderKL(config).encode(torch.randn(1, 3, 32, 32))
+    assert posterior.mean.shape == (1, 4, 32 // f, 32 // f)
+
+
+def test_tiny_config_rejects_a_factor_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        VAEConfig.tiny(6)
+
+
 # --- losses --------------------------------------------------------------------------------
 
 

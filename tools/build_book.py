@@ -29,6 +29,7 @@ def main() -> int:
         config = yaml.safe_load((ROOT / "_config.yml").read_text())
         if args.student:
             config["sphinx"]["config"]["hide_solutions"] = True
+            config["execute"]["cache"] = str(ROOT / "_build" / ".jupyter_cache")  # reuse the main build's runs
             command += ["--path-output", str(ROOT / "_build" / "student")]
         if args.from_outputs:
             config["execute"]["execute_notebooks"] = "off"
