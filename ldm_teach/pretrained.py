@@ -69,10 +69,15 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     return json.loads(path.read_text())
 
 
+def weights_file_name(name: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model.safetensors``, or with ``variant="fp16"`` ``diffusion_pytorch_model.fp16.safetensors``."""
+    return name.replace(".safetensors", f".{variant}.safetensors") if variant else name
+
+
 def read_weights(folder: Path, names=SAFETENSORS_NAMES, variant: str | None = None) -> dict[str, torch.Tensor]:
     """The safetensors state dict of a component folder (``variant="fp16"`` reads ``*.fp16.safetensors``)."""
     folder = Path(folder)
-    candidates = [n.replace(".safetensors", f".{variant}.safetensors") if variant else n for n in names]
+    candidates = [weights_file_name(n, variant) for n in names]
     for name in candidates:
         if (folder / name).is_file():
             return load_file(folder / name)
@@ -82,6 +87,29 @@ def read_weights(folder: Path, names=SAFETENSORS_NAMES, variant: str | None = No
     raise FileNotFoundError(
         f"no weights in {folder}: expected one of {candidates}, found {found or 'nothing'}.{hint}"
     )
+
+
+def component_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None, revision: str | None,
+                     weights_name: str) -> Path:
+    """The local folder of one pipeline component (``unet/``, ``vae/``, ...), downloading only its files.
+
+    A local folder with its own ``config.json`` and no ``subfolder`` inside (what a model's
+    ``save_pretrained`` writes) is taken as the component folder itself. From the hub only the
+    config and the one weights file asked for are downloaded.
+    """
+    local = Path(path_or_repo_id)
+    if subfolder and local.is_dir() and not (local / subfolder).exists() and (local / "config.json").is_file():
+        subfolder = None
+    prefix = f"{subfolder}/" if subfolder else ""
+    return resolve_folder(path_or_repo_id, subfolder, revision,
+                          allow_patterns=[f"{prefix}config.json", f"{prefix}{weights_name}"])
+
+
+def rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """Apply plain substring renames, in order: the rule-based mapping between two naming schemes."""
+    for old, new in renames:
+        key = key.replace(old, new)
+    return key
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
@@ -127,9 +155,7 @@ VAE_KEY_RENAMES = (
 
 def vae_key(diffusers_key: str) -> str:
     """The name of a diffusers ``AutoencoderKL`` weight in ``ldm_teach.vae.AutoencoderKL``."""
-    for old, new in VAE_KEY_RENAMES:
-        diffusers_key = diffusers_key.replace(old, new)
-    return diffusers_key
+    return rename(diffusers_key, VAE_KEY_RENAMES)
 
 
 def _vae_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], what: str) -> AutoencoderKL:
@@ -154,10 +180,7 @@ def load_vae(path_or_repo_id: str | os.PathLike, subfolder: str | None = "vae", 
     ``AutoencoderKL.save_pretrained`` writes) pass ``subfolder=None``; a local folder with its own
     ``config.json`` and no ``vae/`` inside is read as a VAE folder either way.
     """
-    local = Path(path_or_repo_id)
-    if subfolder and local.is_dir() and not (local / subfolder).exists() and (local / "config.json").is_file():
-        subfolder = None
-    folder = resolve_folder(path_or_repo_id, subfolder, revision)
+    folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[0], variant))
     vae = _vae_from_state_dict(read_config(folder), read_weights(folder, variant=variant), f"VAE in {folder}")
     return vae.to(device=device, dtype=dtype).eval()
 
@@ -178,9 +201,7 @@ UNET_KEY_RENAMES = (
 
 def unet_key(diffusers_key: str) -> str:
     """The name of a diffusers ``UNet2DConditionModel`` weight in ``ldm_teach.unet.UNet``."""
-    for old, new in UNET_KEY_RENAMES:
-        diffusers_key = diffusers_key.replace(old, new)
-    return diffusers_key
+    return rename(diffusers_key, UNET_KEY_RENAMES)
 
 
 def _unet_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], what: str) -> UNet:
@@ -207,13 +228,7 @@ def load_unet(path_or_repo_id: str | os.PathLike, subfolder: str | None = "unet"
     the config and the one weights file asked for are downloaded (``variant="fp16"``: the
     half-size ``diffusion_pytorch_model.fp16.safetensors``).
     """
-    local = Path(path_or_repo_id)
-    if subfolder and local.is_dir() and not (local / subfolder).exists() and (local / "config.json").is_file():
-        subfolder = None
-    prefix = f"{subfolder}/" if subfolder else ""
-    weights_name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else SAFETENSORS_NAMES[0]
-    folder = resolve_folder(path_or_repo_id, subfolder, revision,
-                            allow_patterns=[f"{prefix}config.json", f"{prefix}{weights_name}"])
+    folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[0], variant))
     unet = _unet_from_state_dict(read_config(folder), read_weights(folder, variant=variant), f"U-Net in {folder}")
     return unet.to(device=device, dtype=dtype).eval()
 
@@ -281,9 +296,6 @@ def load_text_encoder(path_or_repo_id: str | os.PathLike, subfolder: str | None 
     its own ``config.json`` and no ``text_encoder/`` inside (what ``CLIPTextModel.save_pretrained``
     writes) is read as a text encoder folder.
     """
-    local = Path(path_or_repo_id)
-    if subfolder and local.is_dir() and not (local / subfolder).exists() and (local / "config.json").is_file():
-        subfolder = None
-    folder = resolve_folder(path_or_repo_id, subfolder, revision)
+    folder = component_folder(path_or_repo_id, subfolder, revision, SAFETENSORS_NAMES[1])
     text_encoder = _text_encoder_from_state_dict(read_config(folder), read_weights(folder), f"text encoder in {folder}")
     return text_encoder.to(device=device, dtype=dtype).eval()
