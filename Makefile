@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest tests --nbmake chapters --nbmake-timeout=1200 $(NBMAKE_ARGS)
+	$(PY) -m pytest tests --nbmake chapters --nbmake-timeout=1200 --durations=12 $(NBMAKE_ARGS)
 
 book: setup
 	$(PY) tools/build_book.py
