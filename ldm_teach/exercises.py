@@ -60,6 +60,10 @@ def compare(name: str, learner: Callable, reference: Callable, cases: list[dict]
             message = (f"{name}: values differ on case {number} ({inputs}).\n"
                        f"  worst |difference| {worst:.3g} at index {where}: "
                        f"got {float(got[where]):.6g}, expected {float(expected[where]):.6g}.")
+            unchanged = [key for key, value in case.items()
+                         if isinstance(value, torch.Tensor) and value.shape == got.shape and torch.equal(value, got)]
+            if unchanged:
+                message += f"\n  Hint: you returned the input `{unchanged[0]}` unchanged; is the function written yet?"
             for mistake, wrong in (mistakes or {}).items():
                 if torch.allclose(got, wrong(**case), atol=atol):
                     message += f"\n  Hint: your result matches a common mistake: {mistake}."

@@ -28,7 +28,7 @@ def show_images(images, titles=None, ncols: int | None = None, size: float = 2.0
         if index < len(images):
             ax.imshow(to_numpy_image(images[index]), cmap="gray", interpolation="nearest" if images[index].shape[-1] <= 64 else None)
             if titles is not None:
-                ax.set_title(titles[index], fontsize=9)
+                ax.set_title(titles[index], fontsize=10)
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
@@ -45,7 +45,7 @@ def scatter_2d(ax, points: torch.Tensor, title: str | None = None, color="C0", l
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=11)
 
 
 def show_source(obj) -> None:

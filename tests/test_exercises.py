@@ -179,3 +179,8 @@ def test_unet_checkers_pass_the_package_and_name_the_mistakes(capsys):
 
     result = exercises.check_resblock_forward(lambda block, x, time_emb: x)
     assert not result and "expected shape" in result.message
+
+
+def test_an_unwritten_function_is_recognised():
+    result = exercises.check_q_sample(lambda x0, t, noise, alphas_cumprod: x0)
+    assert not result and "returned the input `x0` unchanged" in result.message
