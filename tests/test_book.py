@@ -37,3 +37,25 @@ def test_chapter_is_committed_without_outputs(path):
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] == "code":
             assert not cell["outputs"] and cell["execution_count"] is None, f"{path.name}: clear the outputs"
+
+
+def test_student_edition_cuts_out_solutions_and_keeps_exercises():
+    import build_book
+
+    for path in NOTEBOOKS:
+        notebook = json.loads(path.read_text())
+        stripped = build_book.strip_solutions(notebook)
+        text = "".join("".join(cell["source"]) for cell in stripped["cells"])
+        assert "solution-start" not in text and "solution-end" not in text, path.name
+        exercises = "".join("".join(c["source"]) for c in notebook["cells"]).count("{exercise}")
+        assert text.count("{exercise}") == exercises, path.name
+        if "solution-start" in "".join("".join(c["source"]) for c in notebook["cells"]):
+            assert len(stripped["cells"]) < len(notebook["cells"]), path.name
+    example = {"cells": [
+        {"cell_type": "markdown", "source": [":::{exercise} E\n:label: e\ntask\n:::\n\n```{solution-start} e\n:class: dropdown\n```\n"]},
+        {"cell_type": "code", "source": ["answer = 42\n"]},
+        {"cell_type": "markdown", "source": ["```{solution-end}\n```\n\nnext text\n"]},
+    ]}
+    kept = build_book.strip_solutions(example)["cells"]
+    assert [c["cell_type"] for c in kept] == ["markdown", "markdown"]
+    assert "task" in kept[0]["source"] and "answer" not in json.dumps(kept) and kept[1]["source"] == "next text\n"

@@ -1,20 +1,69 @@
 """Build the book with Sphinx warnings as errors: `python tools/build_book.py [--student] [--from-outputs]`.
 
 Without options this is `jupyter-book build . -W`, executing each chapter (results cached in
-_build/.jupyter_cache). `--student` hides every solution (the edition to give students),
-into _build/student. `--from-outputs` does not execute: it renders the outputs already in the
-notebooks (CI runs the chapters once, under nbmake, and builds from what they wrote).
+_build/.jupyter_cache). `--student` builds the edition to give students, into _build/student: a
+copy of the book whose chapters have every solution block (the gated `solution-start` ...
+`solution-end` cells) cut out, so neither the solutions' text nor their code reaches the page.
+`--from-outputs` does not execute: it renders the outputs already in the notebooks (CI runs the
+chapters once, under nbmake, and builds from what they wrote).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOLUTION_START = re.compile(r"```\{solution-start\}[^\n]*\n(?::[^\n]*\n)*```[^\n]*\n?")
+SOLUTION_END = re.compile(r"```\{solution-end\}[^\n]*\n```[^\n]*\n?")
+
+
+def strip_solutions(notebook: dict) -> dict:
+    """The notebook without its solutions: from each `solution-start` fence to its `solution-end`
+    fence, markdown and code cells alike, keeping any text around the fences."""
+    cells, inside = [], False
+    for cell in notebook["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            kept = ""
+            while source:
+                if inside:
+                    end = SOLUTION_END.search(source)
+                    if not end:
+                        source = ""
+                        break
+                    source, inside = source[end.end():], False
+                else:
+                    start = SOLUTION_START.search(source)
+                    if not start:
+                        kept, source = kept + source, ""
+                        break
+                    kept, source, inside = kept + source[:start.start()], source[start.end():], True
+            if kept.strip():
+                cells.append({**cell, "source": kept.strip() + "\n"})
+        elif not inside:
+            cells.append(cell)
+    return {**notebook, "cells": cells}
+
+
+def student_copy(config: dict) -> pathlib.Path:
+    """A copy of the book in _build/student_src with the solutions cut out of every chapter."""
+    source = ROOT / "_build" / "student_src"
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(ROOT / "chapters", source / "chapters")
+    shutil.copytree(ROOT / "_static", source / "_static")
+    shutil.copy(ROOT / "_toc.yml", source / "_toc.yml")
+    for path in (source / "chapters").glob("*.ipynb"):
+        path.write_text(json.dumps(strip_solutions(json.loads(path.read_text())), indent=1, ensure_ascii=False))
+    config["sphinx"]["config"]["hide_solutions"] = True
+    (source / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return source
 
 
 def main() -> int:
@@ -24,21 +73,22 @@ def main() -> int:
     args = parser.parse_args()
 
     jupyter_book = pathlib.Path(sys.executable).with_name("jupyter-book")  # the CLI beside this Python
-    command = [str(jupyter_book), "build", str(ROOT), "-W", "--keep-going"]
-    if args.student or args.from_outputs:
-        config = yaml.safe_load((ROOT / "_config.yml").read_text())
-        if args.student:
-            config["sphinx"]["config"]["hide_solutions"] = True
-            config["execute"]["cache"] = str(ROOT / "_build" / ".jupyter_cache")  # reuse the main build's runs
-            command += ["--path-output", str(ROOT / "_build" / "student")]
-        if args.from_outputs:
-            config["execute"]["execute_notebooks"] = "off"
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    if args.from_outputs:
+        config["execute"]["execute_notebooks"] = "off"
+    book = ROOT
+    command = [str(jupyter_book), "build", "-W", "--keep-going"]
+    if args.student:
+        book = student_copy(config)
+        command += ["--path-output", str(ROOT / "_build" / "student")]
+    elif args.from_outputs:
         derived = ROOT / "_build" / "_config.derived.yml"
         derived.parent.mkdir(exist_ok=True)
         derived.write_text(yaml.safe_dump(config, sort_keys=False))
         command += ["--config", str(derived)]
+    command.append(str(book))
     print("$", " ".join(command), flush=True)
-    return subprocess.call(command, cwd=ROOT)
+    return subprocess.call(command, cwd=book)
 
 
 if __name__ == "__main__":
