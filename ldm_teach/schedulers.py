@@ -182,6 +182,14 @@ class Scheduler:
                 "before step (and, for Euler and DPM-Solver, before scale_model_input and add_noise)."
             )
 
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Visit n of the T timesteps, spaced by ``config.timestep_spacing`` (DDPM and DDIM; the others refine it)."""
+        self.check_num_inference_steps(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
+                                     self.config.num_train_timesteps, self.config.steps_offset)
+        self.timesteps = torch.from_numpy(timesteps.round().astype(np.int64)).to(device)
+
     def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
         """The model's input at step t: x itself for the ᾱ-parameterised schedulers."""
         return x
@@ -212,14 +220,6 @@ class DDPMScheduler(Scheduler):
     unsupported_defaults = {**THRESHOLDING_DEFAULTS, "rescale_betas_zero_snr": False}
     choices = {"prediction_type": ("epsilon", "v_prediction", "sample"), "variance_type": ("fixed_small", "fixed_large")}
     init_noise_sigma = 1.0
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Visit n of the T timesteps, spaced by ``config.timestep_spacing``."""
-        self.check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
-                                     self.config.num_train_timesteps, self.config.steps_offset)
-        self.timesteps = torch.from_numpy(timesteps.round().astype(np.int64)).to(device)
 
     def previous_timestep(self, t: int) -> int:
         """The timestep after t in ``self.timesteps``, or -1 after the last one."""
@@ -290,14 +290,6 @@ class DDIMScheduler(Scheduler):
     def __init__(self, **config):
         super().__init__(**config)
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Visit n of the T timesteps, spaced by ``config.timestep_spacing``."""
-        self.check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
-                                     self.config.num_train_timesteps, self.config.steps_offset)
-        self.timesteps = torch.from_numpy(timesteps.round().astype(np.int64)).to(device)
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
