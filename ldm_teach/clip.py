@@ -6,7 +6,7 @@ Chapter 03 builds this file top to bottom:
    byte-level characters, merge character pairs by rank (byte-pair encoding), add the start and
    end tokens and pad to 77 ids. It reproduces transformers' ``CLIPTokenizer`` id for id, using
    the vocabulary bundled in ``ldm_teach/assets``;
-2. the **text encoder** (section 03.3): token plus position embeddings, a stack of pre-LayerNorm
+2. the **text encoder** (chapter 03): token plus position embeddings, a stack of pre-LayerNorm
    transformer blocks with a causal mask, a final LayerNorm. Stable Diffusion feeds the U-Net all
    77 of its output vectors, not a single pooled one (section 03.4);
 3. a **tiny CLIP** (section 03.1): a small ViT image encoder, projections into a shared space and
@@ -273,7 +273,7 @@ class Tokenizer:
         return torch.tensor(rows, dtype=torch.long)  # (B, 77)
 
 
-# --- the text encoder (section 03.3) -------------------------------------------------------
+# --- the text encoder (chapter 03) ----------------------------------------------------------
 
 # transformers' CLIPTextConfig defaults, for keys a config.json leaves out.
 TRANSFORMERS_TEXT_DEFAULTS = dict(
@@ -391,7 +391,7 @@ class TextEncoder(nn.Module):
 
     The mask is causal, as in a language model: the feature at position i depends only on tokens
     0..i. So everything before the end token is unaffected by the padding after it, and the end
-    token's feature has seen the whole prompt (it is the one CLIP pools; section 03.3).
+    token's feature has seen the whole prompt (it is the one CLIP pools; chapter 03, section "The text encoder").
     """
 
     def __init__(self, config: TextEncoderConfig):

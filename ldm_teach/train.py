@@ -118,7 +118,7 @@ def train_clip(model: torch.nn.Module, images: torch.Tensor, captions: list[str]
     image its caption. The captions are tokenized once and cut after the longest one's end token:
     the text encoder's mask is causal, so the padding after an end token never changes the
     feature CLIP pools there, and 77 columns would only cost time. As in CLIP, the learnt
-    temperature is capped at 100, and the learning rate warms up, then decays on a cosine.
+    inverse temperature (the logit scale) is capped at 100, and the learning rate warms up, then decays on a cosine.
     """
     import math
 

@@ -279,7 +279,9 @@ class Encoder(nn.Module):
 
 
 class DiagonalGaussian:
-    """The posterior q(z | x) = N(mean, diag(std^2)) that the encoder predicts (Chapter 02, section "Reparameterisation").
+    """The posterior q(z | x) = N(mean, diag(std^2)) that the encoder predicts.
+
+    Chapter 02, section "Autoencoders, plain and variational".
 
     ``sample`` draws z = mean + std * eps with eps ~ N(0, I): the randomness sits in eps, so
     gradients flow to mean and std (the reparameterisation trick). The log-variance is
