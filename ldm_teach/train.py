@@ -44,19 +44,21 @@ def train_toy_denoiser(model: torch.nn.Module, sample_data: Callable[[int, torch
 def train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int = 1000, batch_size: int = 16,
               learning_rate: float = 2e-3, kl_weight: float = 1e-6, kind: str = "l1",
               discriminator: torch.nn.Module | None = None, adversarial_start: int = 0,
+              perceptual: torch.nn.Module | None = None, perceptual_weight: float = 1.0,
               seed: int = 0, progress: bool = True, description: str = "training the VAE") -> dict[str, list[float]]:
     """Fit an ``AutoencoderKL`` to ``images`` (N, 3, H, W) in [-1, 1]; return the loss history.
 
     Each step draws a random batch (seeded), encodes it, samples z from the posterior, decodes
     it and takes an AdamW step on ``vae_loss``: the reconstruction (``kind``: "l1" as in LDM,
-    or "l2") plus ``kl_weight`` times the KL. With a ``PatchDiscriminator`` the adaptively
+    or "l2") plus ``kl_weight`` times the KL; with ``perceptual`` (``perceptual.load_lpips()``)
+    the LPIPS term joins the reconstruction. With a ``PatchDiscriminator`` the adaptively
     weighted adversarial term joins from step ``adversarial_start`` on, and the discriminator
     trains on the hinge loss in alternation (Chapter 02, section "Training the VAE").
 
     The history holds one value per step for each loss part: ``reconstruction`` (per image
     summed, as in the loss), ``kl``, ``pixel_error`` (mean |x - x̂| per value, which is
-    comparable across image sizes), and with a discriminator ``adversarial`` and
-    ``discriminator`` (NaN before the adversarial phase).
+    comparable across image sizes), with ``perceptual`` the mean LPIPS distance, and with a
+    discriminator ``adversarial`` and ``discriminator`` (NaN before the adversarial phase).
     """
     from .vae import discriminator_hinge_loss, vae_loss
 
@@ -67,6 +69,8 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int = 1000, bat
     if discriminator is not None:
         discriminator_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.9))
     history: dict[str, list[float]] = {"reconstruction": [], "kl": [], "pixel_error": []}
+    if perceptual is not None:
+        history["perceptual"] = []
     if discriminator is not None:
         history.update(adversarial=[], discriminator=[])
     vae.train()
@@ -78,7 +82,8 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int = 1000, bat
         adversarial_phase = discriminator is not None and step >= adversarial_start
         logits_fake = discriminator(reconstruction) if adversarial_phase else None
         last_layer = vae.decoder.conv_out.weight if adversarial_phase else None
-        loss, parts = vae_loss(x, reconstruction, posterior, logits_fake, last_layer, kl_weight=kl_weight, kind=kind)
+        loss, parts = vae_loss(x, reconstruction, posterior, logits_fake, last_layer, kl_weight=kl_weight, kind=kind,
+                               perceptual=perceptual, perceptual_weight=perceptual_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -86,6 +91,8 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int = 1000, bat
         history["reconstruction"].append(parts["reconstruction"].item())
         history["kl"].append(parts["kl"].item())
         history["pixel_error"].append((x - reconstruction.detach()).abs().mean().item())
+        if perceptual is not None:
+            history["perceptual"].append(parts["perceptual"].item())
         if discriminator is not None:
             if adversarial_phase:
                 logits_real, logits_fake = discriminator(x), discriminator(reconstruction.detach())

@@ -10,8 +10,9 @@ Chapter 02 builds this file top to bottom:
    (B, 4, H/8, W/8) latent, and the ``DiagonalGaussian`` posterior they define;
 4. the ``Decoder``, the encoder's mirror image;
 5. ``AutoencoderKL``, which joins them (and rescues fp16 decodes that overflow);
-6. the training losses: reconstruction, KL, and the adversarial loss of a ``PatchDiscriminator``
-   with LDM's adaptive weight.
+6. the training losses: reconstruction (with LPIPS from ``ldm_teach.perceptual`` where its
+   weights can be had), KL, and the adversarial loss of a ``PatchDiscriminator`` with LDM's
+   adaptive weight.
 
 The module names follow diffusers' ``AutoencoderKL`` so that its weights load by a few
 renaming rules (see ``pretrained.vae_from_diffusers``), and every computation matches it
@@ -427,7 +428,8 @@ class AutoencoderKL(nn.Module):
 
 # --- training losses (Chapter 02, section "Training the VAE") ------------------------------
 # LDM trains its autoencoders with four terms: reconstruction, perceptual (LPIPS), KL and
-# adversarial. LPIPS needs pretrained VGG weights, so the book's tiny VAE leaves it out.
+# adversarial. LPIPS (ldm_teach.perceptual) needs VGG16's ImageNet weights, a download: the
+# chapter uses it in the full profile and leaves it out in the quick one.
 
 
 class PatchDiscriminator(nn.Module):
@@ -505,17 +507,25 @@ def adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, las
 
 def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, posterior: DiagonalGaussian,
              logits_fake: torch.Tensor | None = None, last_layer: torch.Tensor | None = None,
-             kl_weight: float = 1e-6, adversarial_weight: float = 0.5, kind: str = "l1"):
+             kl_weight: float = 1e-6, adversarial_weight: float = 0.5, kind: str = "l1",
+             perceptual: torch.nn.Module | None = None, perceptual_weight: float = 1.0):
     """The autoencoder's loss: reconstruction + kl_weight * KL (+ the adaptively weighted adversarial term).
 
-    Pass the discriminator's ``logits_fake`` on the reconstructions and the decoder's
-    ``last_layer`` once the adversarial phase starts (LDM starts it after a warm-up).
-    Returns (total, a dict of the detached parts for logging).
+    With ``perceptual`` (an ``ldm_teach.perceptual.LPIPS``), the reconstruction term gains
+    ``perceptual_weight`` times each image's LPIPS distance added to every one of its values, as
+    LDM adds it before summing per image. Pass the discriminator's ``logits_fake`` on the
+    reconstructions and the decoder's ``last_layer`` once the adversarial phase starts (LDM
+    starts it after a warm-up). Returns (total, a dict of the detached parts for logging).
     """
     rec = reconstruction_loss(x, reconstruction, kind)
+    parts = {}
+    if perceptual is not None:
+        distance = perceptual(x, reconstruction)  # (B,)
+        rec = rec + perceptual_weight * x[0].numel() * distance.mean()
+        parts["perceptual"] = distance.mean().detach()
     kl = kl_loss(posterior)
     total = rec + kl_weight * kl
-    parts = {"reconstruction": rec.detach(), "kl": kl.detach()}
+    parts.update(reconstruction=rec.detach(), kl=kl.detach())
     if logits_fake is not None:
         if last_layer is None:
             raise ValueError("the adversarial term needs last_layer, e.g. vae.decoder.conv_out.weight.")
