@@ -8,6 +8,7 @@ verdict and returns a ``CheckResult`` that is truthy when the function passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -518,3 +519,244 @@ def check_resblock_forward(learner: Callable, seed: int = 0) -> CheckResult:
         "the skip connection left out (return skip + h)": variant(skip=False),
     }
     return compare("resblock_forward", learner, reference, cases, mistakes, atol=1e-5)
+
+
+# --- chapter 05: training ----------------------------------------------------------------------
+
+
+def _tiny_unet(seed: int, channels: int = 4, context_dim: int = 16):
+    from .unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    return UNet(UNetConfig.tiny(in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                                norm_num_groups=4, attention_head_dim=2, cross_attention_dim=context_dim))
+
+
+def check_training_step(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 05): ``training_step(unet, latents, context, alphas_cumprod, generator)`` -> the
+    loss of one step of latent diffusion training: t drawn with ``torch.randint(0, T, (B,), generator=...)``,
+    then ε with ``torch.randn(latents.shape, generator=...)``, the latents noised to x_t, and the MSE
+    between ``unet(x_t, t, context)`` and ε. The loss must carry gradients to the U-Net."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, side, schedule in [(4, 8, "scaled_linear"), (2, 4, "linear"), (3, 6, "squaredcos_cap_v2")]:
+        cases.append(dict(unet=_tiny_unet(int(torch.randint(0, 2**31, (), generator=generator))),
+                          latents=torch.randn(batch, 4, side, side, generator=generator),
+                          context=torch.randn(batch, 5, 16, generator=generator),
+                          alphas_cumprod=diffusion.NoiseSchedule.make(schedule, 1000, 0.00085, 0.012).alphas_cumprod,
+                          seed=int(torch.randint(0, 2**31, (), generator=generator))))
+
+    def reference(unet, latents, context, alphas_cumprod, seed, target="noise", noise_first=False):
+        step_generator = torch.Generator().manual_seed(seed)
+        if noise_first:
+            noise = torch.randn(latents.shape, generator=step_generator)
+            t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=step_generator)
+        else:
+            t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=step_generator)
+            noise = torch.randn(latents.shape, generator=step_generator)
+        x_t = diffusion.q_sample(latents, t, noise, alphas_cumprod)
+        wanted = {"noise": noise, "latents": latents, "x_t": x_t}[target]
+        return torch.nn.functional.mse_loss(unet(x_t, t, context), wanted)
+
+    def run_learner(unet, latents, context, alphas_cumprod, seed):
+        loss = learner(unet, latents, context, alphas_cumprod, torch.Generator().manual_seed(seed))
+        if isinstance(loss, torch.Tensor) and not loss.requires_grad:
+            raise ValueError("the loss carries no gradient back to the U-Net: compute it from unet(x_t, t, context), "
+                             "and not under torch.no_grad()")
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    mistakes = {
+        "the U-Net's output compared with the clean latents instead of the noise ε": partial(reference, target="latents"),
+        "the U-Net's output compared with the noisy latents x_t instead of the noise ε": partial(reference, target="x_t"),
+        "ε drawn before t: the same math on other random numbers; draw t first, then ε": partial(reference, noise_first=True),
+    }
+    return compare("training_step", run_learner, lambda **case: reference(**case).detach(), cases, mistakes, atol=1e-5)
+
+
+def check_caption_dropout(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 05): ``caption_dropout(context, empty_context, probability, generator)``: each
+    caption's context (B, L, D) replaced, whole, by the empty prompt's (L, D) where
+    ``torch.rand(B, generator=generator)`` falls below ``probability``."""
+    from .train import caption_dropout
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(context=torch.randn(batch, length, width, generator=generator),
+                  empty_context=torch.randn(length, width, generator=generator), probability=probability,
+                  seed=int(torch.randint(0, 2**31, (), generator=generator)))
+             for batch, length, width, probability in [(64, 7, 8, 0.1), (16, 77, 4, 0.5), (8, 3, 2, 1.0)]]
+
+    def reference(context, empty_context, probability, seed, fill=None, keep_below=False):
+        drop = torch.rand(len(context), generator=torch.Generator().manual_seed(seed)) < probability  # (B,)
+        drop = ~drop if keep_below else drop
+        empty = empty_context if fill is None else torch.full_like(empty_context, fill)
+        return torch.where(drop[:, None, None], empty, context)
+
+    mistakes = {
+        "dropped captions set to zeros instead of the empty prompt's features (the pipeline's unconditional "
+        "input is the encoded empty prompt, not zeros)": partial(reference, fill=0.0),
+        "the test inverted: captions dropped where the draw is at least `probability`, so 90% are dropped at 0.1":
+            partial(reference, keep_below=True),
+    }
+    return compare("caption_dropout", lambda seed, **case: learner(generator=torch.Generator().manual_seed(seed), **case),
+                   lambda seed, **case: caption_dropout(generator=torch.Generator().manual_seed(seed), **case),
+                   cases, mistakes, atol=0)
+
+
+def check_ema_update(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 05): ``ema_update(ema_model, model, decay)`` moves each parameter of ``ema_model``
+    in place to decay·ema + (1 - decay)·model and leaves ``model`` alone; it returns nothing."""
+    import copy
+
+    from .train import ema_update
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for decay, width in [(0.999, 6), (0.9, 3), (0.5, 5)]:
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))
+        model = torch.nn.Sequential(torch.nn.Linear(width, 4), torch.nn.SiLU(), torch.nn.Linear(4, 2))
+        cases.append(dict(ema_model=copy.deepcopy(model).requires_grad_(False), model=model, decay=decay))
+        with torch.no_grad():  # the EMA lags behind a model that has moved on
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+
+    def flat(module):
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    def run(update, ema_model, model, decay):
+        ema_model, model = copy.deepcopy(ema_model), copy.deepcopy(model)
+        before = flat(model)
+        result = update(ema_model, model, decay)
+        if result is not None and not isinstance(result, torch.nn.Module):
+            raise ValueError(f"ema_update returned a {type(result).__name__}; update ema_model's parameters in place")
+        if not torch.equal(flat(model), before):
+            raise ValueError("the model's own weights changed; only ema_model's may change")
+        return flat(ema_model)
+
+    def swapped(ema_model, model, decay):
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+                ema_parameter.copy_(decay * parameter + (1 - decay) * ema_parameter)
+
+    mistakes = {
+        "decay and 1 - decay swapped: the EMA jumps almost all the way to the new weights": partial(run, swapped),
+        "ema_model left unchanged: assign into its parameters in place (.lerp_, .mul_().add_(), .copy_)":
+            partial(run, lambda ema_model, model, decay: None),
+    }
+    return compare("ema_update", partial(run, learner), partial(run, ema_update), cases, mistakes, atol=1e-6)
+
+
+# --- chapter 06: inference -------------------------------------------------------------------
+
+
+def check_guidance(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 06): ``guidance(noise_uncond, noise_text, guidance_scale)``, classifier-free
+    guidance's combination of the unconditional and the text-conditioned noise predictions."""
+    from .pipeline import classifier_free_guidance
+
+    generator = torch.Generator().manual_seed(seed)
+    cases = [dict(noise_uncond=torch.randn(shape, generator=generator),
+                  noise_text=torch.randn(shape, generator=generator), guidance_scale=scale)
+             for shape, scale in [((2, 4, 8, 8), 7.5), ((1, 4, 6, 10), 1.0), ((3, 4, 4, 4), 0.0)]]
+    mistakes = {
+        "the two predictions swapped: ε_text + s·(ε_uncond − ε_text) pushes away from the prompt":
+            lambda noise_uncond, noise_text, guidance_scale: noise_text + guidance_scale * (noise_uncond - noise_text),
+        "the step taken from ε_text instead of ε_uncond: ε_text + s·(ε_text − ε_uncond)":
+            lambda noise_uncond, noise_text, guidance_scale: noise_text + guidance_scale * (noise_text - noise_uncond),
+        "only the text prediction scaled: ε_uncond + s·ε_text":
+            lambda noise_uncond, noise_text, guidance_scale: noise_uncond + guidance_scale * noise_text,
+        "the difference not scaled by guidance_scale (that is plain ε_text)":
+            lambda noise_uncond, noise_text, guidance_scale: noise_text,
+    }
+    return compare("guidance", learner, classifier_free_guidance, cases, mistakes, atol=1e-5)
+
+
+def reference_denoising_loop(unet, scheduler, latents, context, uncond_context, guidance_scale: float,
+                             num_inference_steps: int, init_sigma: bool = True, scale_input: bool = True,
+                             halves_swapped: bool = False) -> torch.Tensor:
+    """The sampling loop of chapter 06 (on a copy of ``scheduler``); the flags make the checker's common mistakes."""
+    import copy
+
+    from .pipeline import classifier_free_guidance
+
+    scheduler = copy.deepcopy(scheduler)  # the learner gets the scheduler untouched, timesteps not yet set
+    scheduler.set_timesteps(num_inference_steps)
+    latents = latents * scheduler.init_noise_sigma if init_sigma else latents
+    both_contexts = torch.cat([uncond_context, context])  # (2B, L, D): unconditional rows first
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2)  # (2B, C, h, w)
+            model_input = scheduler.scale_model_input(model_input, t) if scale_input else model_input
+            noise_uncond, noise_text = unet(model_input, t, both_contexts).chunk(2)
+            if halves_swapped:
+                noise_uncond, noise_text = noise_text, noise_uncond
+            latents = scheduler.step(classifier_free_guidance(noise_uncond, noise_text, guidance_scale), t, latents)
+    return latents
+
+
+def check_denoising_loop(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 06): ``denoise(unet, scheduler, latents, context, uncond_context, guidance_scale,
+    num_inference_steps)`` -> the final latents, the whole guided sampling loop written out."""
+    from functools import partial
+
+    from .schedulers import DDIMScheduler, EulerDiscreteScheduler
+    from .unet import UNet, UNetConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = UNet(UNetConfig.tiny(cross_attention_dim=32)).eval().requires_grad_(False)
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    cases = []
+    for scheduler, batch, scale, steps in [(EulerDiscreteScheduler(**sd15), 2, 7.5, 4),
+                                           (DDIMScheduler(**sd15, steps_offset=1), 1, 3.0, 3)]:
+        cases.append(dict(unet=unet, scheduler=scheduler, latents=torch.randn(batch, 4, 8, 8, generator=generator),
+                          context=torch.randn(batch, 7, 32, generator=generator),
+                          uncond_context=torch.randn(batch, 7, 32, generator=generator),
+                          guidance_scale=scale, num_inference_steps=steps))
+    mistakes = {
+        "the starting latents not multiplied by scheduler.init_noise_sigma (Euler starts from noise of std σ_max)":
+            partial(reference_denoising_loop, init_sigma=False),
+        "scheduler.scale_model_input(model_input, t) left out (Euler's U-Net must see x / √(σ² + 1))":
+            partial(reference_denoising_loop, scale_input=False),
+        "the two halves of the U-Net's output swapped: the unconditional rows come first":
+            partial(reference_denoising_loop, halves_swapped=True),
+        "no guidance: the text prediction alone (that is guidance_scale = 1)":
+            lambda **case: reference_denoising_loop(**{**case, "guidance_scale": 1.0}),
+    }
+    return compare("denoise", learner, reference_denoising_loop, cases, mistakes, atol=1e-4)
+
+
+def reference_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents in the U-Net's (scaled) space -> images (B, 3, H, W) in [0, 1], as the pipeline decodes them."""
+    with torch.no_grad():
+        return (vae.decode(latents / vae.scaling_factor) * 0.5 + 0.5).clamp(0, 1)
+
+
+def check_decode_latents(learner: Callable, seed: int = 0) -> CheckResult:
+    """Exercise (chapter 06): ``decode(vae, latents)`` -> images (B, 3, H, W) in [0, 1]: undo the
+    scaling factor, decode, and map the decoder's [-1, 1] to [0, 1]."""
+    from dataclasses import replace
+
+    from .vae import AutoencoderKL, VAEConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(replace(VAEConfig.tiny(), scaling_factor=0.18215)).eval().requires_grad_(False)
+    with torch.no_grad():  # a louder decoder, so that its output leaves [-1, 1] and clipping matters
+        vae.decoder.conv_out.weight.mul_(4)
+    cases = [dict(vae=vae, latents=torch.randn(shape, generator=generator)) for shape in [(2, 4, 8, 8), (1, 4, 6, 10)]]
+
+    def decoded(vae, latents, scale=None):
+        with torch.no_grad():
+            return vae.decode(latents / vae.scaling_factor if scale is None else latents * scale)
+
+    mistakes = {
+        "the latents multiplied by vae.scaling_factor instead of divided by it":
+            lambda vae, latents: (decoded(vae, latents, vae.scaling_factor) * 0.5 + 0.5).clamp(0, 1),
+        "the latents not divided by vae.scaling_factor before decoding":
+            lambda vae, latents: (decoded(vae, latents, 1.0) * 0.5 + 0.5).clamp(0, 1),
+        "the images left in the decoder's [-1, 1] (map them with x / 2 + 0.5)":
+            lambda vae, latents: decoded(vae, latents).clamp(-1, 1),
+        "the images not clipped to [0, 1] (the decoder's output is not bounded)":
+            lambda vae, latents: decoded(vae, latents) * 0.5 + 0.5,
+    }
+    return compare("decode", learner, reference_decode, cases, mistakes, atol=1e-5)

@@ -4,7 +4,10 @@ ldm_teach never imports diffusers or transformers. The ``*_from_diffusers`` and
 ``*_from_transformers`` functions take an object the caller already has, read its config
 and its ``state_dict()``, and build our model; the ``load_*`` functions read a
 diffusers-format folder (``config.json`` plus safetensors) directly, or download one
-from the Hugging Face hub.
+from the Hugging Face hub. ``load_pipeline`` reads a whole pipeline folder into a
+``pipeline.StableDiffusion``, and ``load_single_file`` an original one-file checkpoint by
+rule-based renaming (Chapter 06, sections "Loading real weights" and "One file: the original
+checkpoints").
 
 Every load is strict: a key that is missing or unexpected is an error that lists them,
 never a silently half-loaded model.
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from .clip import TextEncoder, TextEncoderConfig
+from .clip import TextEncoder, TextEncoderConfig, Tokenizer
+from .pipeline import StableDiffusion
 from .schedulers import SCHEDULERS, Scheduler
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -289,13 +295,266 @@ def text_encoder_from_transformers(model) -> TextEncoder:
 
 def load_text_encoder(path_or_repo_id: str | os.PathLike, subfolder: str | None = "text_encoder",
                       revision: str | None = None, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device | None = None) -> TextEncoder:
+                      device: str | torch.device | None = None, variant: str | None = None) -> TextEncoder:
     """Our ``TextEncoder`` from a transformers-format folder or hub id (``config.json`` plus ``model.safetensors``).
 
     ``subfolder="text_encoder"`` reads the text encoder of a whole pipeline; a local folder with
     its own ``config.json`` and no ``text_encoder/`` inside (what ``CLIPTextModel.save_pretrained``
-    writes) is read as a text encoder folder.
+    writes) is read as a text encoder folder. ``variant="fp16"`` reads ``model.fp16.safetensors``.
     """
-    folder = component_folder(path_or_repo_id, subfolder, revision, SAFETENSORS_NAMES[1])
-    text_encoder = _text_encoder_from_state_dict(read_config(folder), read_weights(folder), f"text encoder in {folder}")
+    folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[1], variant))
+    weights = read_weights(folder, names=SAFETENSORS_NAMES[1:], variant=variant)
+    text_encoder = _text_encoder_from_state_dict(read_config(folder), weights, f"text encoder in {folder}")
     return text_encoder.to(device=device, dtype=dtype).eval()
+
+
+# --- whole pipelines (Chapter 06, section "Loading real weights") --------------------------
+
+# The components ldm_teach's StableDiffusion is built from, with the classes model_index.json may
+# name for each (any scheduler ldm_teach implements; either CLIP tokenizer class).
+PIPELINE_COMPONENTS = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "scheduler": tuple(SCHEDULERS),
+}
+
+
+def pipeline_file_patterns(variant: str | None = None) -> list[str]:
+    """The files of a diffusers repository that ``load_pipeline`` reads: configs, the tokenizer, and one
+    safetensors file per model (``variant="fp16"``: the half-size ones). Nothing else is downloaded."""
+    unet_weights = weights_file_name(SAFETENSORS_NAMES[0], variant)
+    return ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+            "unet/config.json", f"unet/{unet_weights}", "vae/config.json", f"vae/{unet_weights}",
+            "text_encoder/config.json", f"text_encoder/{weights_file_name(SAFETENSORS_NAMES[1], variant)}"]
+
+
+def check_model_index(root: Path) -> None:
+    """Refuse a pipeline folder whose ``model_index.json`` or component folders ldm_teach cannot build from."""
+    index = read_config(root, "model_index.json")
+    problems = []
+    for name, classes in PIPELINE_COMPONENTS.items():
+        entry = index.get(name)
+        class_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if class_name is None:
+            problems.append(f"model_index.json names no {name}")
+        elif class_name not in classes:
+            problems.append(f"its {name} is a {class_name}; ldm_teach builds only {' or '.join(classes)}")
+        elif not (root / name).is_dir():
+            problems.append(f"the {name}/ folder is missing")
+    if problems:
+        raise FileNotFoundError(
+            f"{root} is not a complete Stable Diffusion pipeline folder: " + "; ".join(problems) + ". A folder "
+            "that diffusers' save_pretrained writes (or a full download of the repository) has model_index.json "
+            "and the folders unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
+        )
+
+
+def load_pipeline(path_or_repo_id: str | os.PathLike, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device | None = None, variant: str | None = None) -> StableDiffusion:
+    """Our ``StableDiffusion`` from a diffusers-format pipeline folder or hub id, without diffusers.
+
+    ``path_or_repo_id`` is a local folder (what ``StableDiffusionPipeline.save_pretrained``
+    writes) or a hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, of which only
+    the files ``pipeline_file_patterns`` lists are downloaded, at ``revision`` (a branch, tag or
+    commit hash: pin one for reproducible results). ``variant="fp16"`` reads the half-size weights
+    files; ``dtype`` and ``device`` say where the models then live.
+    """
+    root = resolve_folder(path_or_repo_id, None, revision, allow_patterns=pipeline_file_patterns(variant))
+    check_model_index(root)
+    weights = dict(dtype=dtype, device=device, variant=variant)
+    return StableDiffusion(
+        unet=load_unet(root, "unet", **weights),
+        vae=load_vae(root, "vae", **weights),
+        text_encoder=load_text_encoder(root, "text_encoder", **weights),
+        tokenizer=Tokenizer.from_folder(root / "tokenizer"),
+        scheduler=scheduler_from_config(read_config(root / "scheduler", "scheduler_config.json")),
+    )
+
+
+# --- single-file checkpoints (Chapter 06, section "One file: the original checkpoints") ----------
+# The original Stable Diffusion releases (CompVis, RunwayML: v1-5-pruned-emaonly.safetensors) keep all
+# three models in one file, under the names of the LDM code base. The rules below give, for each of
+# our weights, its name there; loading reads the table backwards, saving forwards.
+
+SD15_SCHEDULER_CONFIG = {  # stable-diffusion-v1-5's scheduler/scheduler_config.json
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+}
+# Our ResBlock's layers and their places in LDM's ResBlock (in_layers = norm, SiLU, conv; emb_layers = SiLU,
+# linear; out_layers = norm, SiLU, dropout, conv), for the U-Net and (only the shortcut differs) the VAE.
+RESBLOCK_ORIGINAL_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+TRANSFORMER_ORIGINAL_RENAMES = ((".to_out.", ".to_out.0."), (".ff.proj_in.", ".ff.net.0.proj."),
+                                (".ff.proj_out.", ".ff.net.2."))
+UNET_ORIGINAL_NAMES = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                       "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+VAE_ATTENTION_ORIGINAL_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+
+
+def unet_original_key(key: str, config: UNetConfig) -> str:
+    """The name of our U-Net weight ``key`` in an original SD checkpoint (after ``model.diffusion_model.``).
+
+    LDM numbers the down path's blocks in one list, ``input_blocks`` (block 0 is ``conv_in``; then
+    per level ``layers_per_block`` ResBlocks, each followed by its transformer at ``.1``, and one
+    downsampler), and the up path's in another, ``output_blocks`` (per level ``layers_per_block + 1``
+    ResBlocks and transformers, the upsampler after the last of them).
+    """
+    per_level = config.layers_per_block + 1
+    match = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if match:
+        path, level, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+        number = level * per_level + index + (path == "down")  # input block 0 is conv_in
+        if kind == "resnets":
+            layer, name = rest.split(".", 1)
+            rest = f"0.{RESBLOCK_ORIGINAL_NAMES[layer]}.{name}"
+        else:
+            rest = "1." + rename("." + rest, TRANSFORMER_ORIGINAL_RENAMES)[1:]
+        return f"{'input' if path == 'down' else 'output'}_blocks.{number}.{rest}"
+    match = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", key)
+    if match:
+        if match[1] == "resnets":
+            layer, name = match[3].split(".", 1)
+            return f"middle_block.{2 * int(match[2])}.{RESBLOCK_ORIGINAL_NAMES[layer]}.{name}"
+        return "middle_block.1." + rename("." + match[3], TRANSFORMER_ORIGINAL_RENAMES)[1:]
+    match = re.fullmatch(r"down_blocks\.(\d+)\.downsample\.conv\.(.+)", key)
+    if match:
+        return f"input_blocks.{(int(match[1]) + 1) * per_level}.0.op.{match[2]}"
+    match = re.fullmatch(r"up_blocks\.(\d+)\.upsample\.conv\.(.+)", key)
+    if match:
+        level = int(match[1])
+        after = 2 if config.up_block_types[level].startswith("CrossAttn") else 1  # after the transformer, if any
+        return f"output_blocks.{level * per_level + per_level - 1}.{after}.conv.{match[2]}"
+    module, name = key.rsplit(".", 1)
+    return f"{UNET_ORIGINAL_NAMES[module]}.{name}"
+
+
+def vae_original_key(key: str, config: VAEConfig) -> str:
+    """The name of our VAE weight ``key`` in an original SD checkpoint (after ``first_stage_model.``).
+
+    LDM's decoder numbers its levels from the *lowest* resolution's last, so our up block l is its
+    ``up.{levels - 1 - l}``; the middle block's two ResBlocks are ``block_1`` and ``block_2``, its
+    attention ``attn_1`` with 1x1 convolutions where ours has linear layers (``original_shape``).
+    """
+    levels = len(config.block_out_channels)
+    match = re.fullmatch(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets\.\d+|downsample|upsample)\.(.+)", key)
+    if match:
+        side, level, part, rest = match[1], int(match[2]), match[3], match[4]
+        if side == "decoder.up":
+            level = levels - 1 - level
+        part = part.replace("resnets", "block")
+        return f"{side}.{level}.{part}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets\.(\d)|attention)\.(\w+)\.(\w+)", key)
+    if match:
+        if match[3] is not None:
+            layer = match[4].replace("conv_shortcut", "nin_shortcut")
+            return f"{match[1]}.mid.block_{int(match[3]) + 1}.{layer}.{match[5]}"
+        return f"{match[1]}.mid.attn_1.{VAE_ATTENTION_ORIGINAL_NAMES[match[4]]}.{match[5]}"
+    return key.replace("conv_norm_out", "norm_out")
+
+
+def text_encoder_original_key(key: str, config: TextEncoderConfig) -> str:
+    """The name of our text encoder weight ``key`` in an original SD 1.x checkpoint (after
+    ``cond_stage_model.transformer.``): transformers' ``CLIPTextModel`` names, ``text_model.`` first."""
+    if key.startswith(("token_embedding.", "position_embedding.")):
+        return "text_model.embeddings." + key
+    if key.startswith("layers."):
+        return "text_model.encoder." + key
+    return "text_model." + key
+
+
+# (our component, its prefix in the file, the naming rule)
+SINGLE_FILE_PARTS = (("unet", "model.diffusion_model.", unet_original_key),
+                     ("vae", "first_stage_model.", vae_original_key),
+                     ("text_encoder", "cond_stage_model.transformer.", text_encoder_original_key))
+# Keys of original checkpoints that are not weights of the three models: the training schedule's buffers
+# (betas, alphas_cumprod, ...), EMA copies, the VAE's training loss, CLIP's position ids.
+SINGLE_FILE_IGNORED = re.compile(r"^(?!model\.diffusion_model\.|first_stage_model\.|cond_stage_model\.)"
+                                 r"|^first_stage_model\.loss\.|position_ids$")
+
+
+def original_shape(key: str, value: torch.Tensor) -> torch.Tensor:
+    """The tensor as the original file stores it: the VAE attention's linear weights as 1x1 convs (C, C, 1, 1)."""
+    if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:
+        return value[:, :, None, None]  # (C, C, 1, 1)
+    return value
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a single checkpoint file: safetensors, or a pickle that ``torch.load(weights_only=True)`` reads.
+
+    A pickle file can hold any Python object, and unpickling one can run any code; PyTorch's
+    ``weights_only=True`` reads tensors and plain containers only. A file it refuses is not loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a .safetensors (or .ckpt) checkpoint.")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ValueError(f"{path} is neither a .safetensors file nor a PyTorch pickle (.ckpt, .pt, .pth, .bin).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"{path} is a pickle checkpoint that torch.load(weights_only=True) refuses ({reason}): besides tensors "
+            "it holds Python objects, and unpickling those can run arbitrary code, so ldm_teach does not load it. "
+            "If you trust its source, convert it once in a separate environment: "
+            "`sd = torch.load(path, weights_only=False)`, take sd['state_dict'] (or sd itself), and "
+            "`safetensors.torch.save_file(state_dict, 'model.safetensors')`; then load the .safetensors file."
+        ) from error
+    return checkpoint.get("state_dict", checkpoint)
+
+
+def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = None,
+                     vae_config: VAEConfig | None = None, text_encoder_config: TextEncoderConfig | None = None,
+                     scheduler_config: dict | None = None, tokenizer: Tokenizer | None = None,
+                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> StableDiffusion:
+    """Our ``StableDiffusion`` from one original-layout checkpoint (e.g. ``v1-5-pruned-emaonly.safetensors``).
+
+    The file holds weights only, so the architecture comes from the configs: SD 1.5's by default
+    (``UNetConfig.sd15()``, ``VAEConfig.sd()``, ``TextEncoderConfig.sd15()``, SD 1.5's PNDM scheduler
+    and the bundled CLIP tokenizer); pass others for other models. Names are mapped by the rules
+    ``unet_original_key``, ``vae_original_key`` and ``text_encoder_original_key``; each model loads
+    strictly, and the error lists any weight the file lacks or has in excess.
+    """
+    state_dict = read_checkpoint(path)
+    if any(k.startswith("cond_stage_model.model.") for k in state_dict):
+        raise ValueError(f"{path} has an OpenCLIP text encoder (cond_stage_model.model.*), as SD 2.x does; "
+                         "load_single_file reads SD 1.x files. Use the diffusers-format repository with load_pipeline.")
+    configs = {"unet": unet_config or UNetConfig.sd15(), "vae": vae_config or VAEConfig.sd(),
+               "text_encoder": text_encoder_config or TextEncoderConfig.sd15()}
+    classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": TextEncoder}
+    models = {}
+    for name, prefix, original_key in SINGLE_FILE_PARTS:
+        with torch.device("meta"):  # no random initialisation: every weight comes from the file
+            model = classes[name](configs[name])
+        ours = {prefix + original_key(key, configs[name]): (key, shape) for key, shape in
+                ((k, v.shape) for k, v in model.state_dict().items())}
+        weights = {}
+        for key, value in state_dict.items():
+            if not key.startswith(prefix) or SINGLE_FILE_IGNORED.search(key):
+                continue
+            if key in ours:  # our name; the VAE's 1x1-conv attention weights back to linear ones
+                our_key, shape = ours[key]
+                weights[our_key] = value.reshape(shape) if value.shape == (*shape, 1, 1) else value
+            else:
+                weights[key] = value  # listed as unexpected by the strict load
+        models[name] = load_state_dict_strict(model, weights, f"{name} in {path}").to(device=device, dtype=dtype).eval()
+    return StableDiffusion(unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
+                           tokenizer=tokenizer or Tokenizer(),
+                           scheduler=scheduler_from_config(scheduler_config or SD15_SCHEDULER_CONFIG))
+
+
+def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
+    """Write a pipeline's three models to one safetensors file in the original layout, as ``load_single_file``
+    reads it (Chapter 06, section "Checking against diffusers")."""
+    tensors = {}
+    for name, prefix, original_key in SINGLE_FILE_PARTS:
+        model = getattr(pipe, name)
+        for key, value in model.state_dict().items():
+            original = prefix + original_key(key, model.config)
+            tensors[original] = original_shape(original, value).detach().cpu().contiguous()
+    save_file(tensors, Path(path))

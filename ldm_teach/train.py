@@ -1,9 +1,17 @@
 """Training loops, with progress bars.
 
-Chapter 01 trains the toy denoiser here; the training chapter (05) adds the latent diffusion loop.
+Chapter 01 trains the toy denoiser here, chapter 02 the VAE, chapter 03 CLIP, and chapter 05 the
+latent diffusion model: caption dropout, the EMA of the weights, the frozen encoders' outputs
+computed once, and ``LatentDiffusionTrainer`` with checkpoints that resume a run exactly.
 """
 from __future__ import annotations
 
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -127,8 +135,6 @@ def train_clip(model: torch.nn.Module, images: torch.Tensor, captions: list[str]
     feature CLIP pools there, and 77 columns would only cost time. As in CLIP, the learnt
     inverse temperature (the logit scale) is capped at 100, and the learning rate warms up, then decays on a cosine.
     """
-    import math
-
     from .clip import contrastive_loss
 
     if len(images) != len(captions):
@@ -167,3 +173,309 @@ def train_clip(model: torch.nn.Module, images: torch.Tensor, captions: list[str]
                             temperature=f"{1 / model.logit_scale.exp().item():.3f}")
     model.eval()
     return losses
+
+
+# --- chapter 05: latent diffusion ------------------------------------------------------------
+
+
+def caption_dropout(context: torch.Tensor, empty_context: torch.Tensor, probability: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption's context by the empty prompt's with the given probability.
+
+    context (B, L, D), empty_context (L, D): the text encoder's output for ``""``. One uniform
+    draw per caption, on the generator's device (the CPU for a CPU generator); a caption is dropped
+    where the draw falls below ``probability``. Training on some empty prompts teaches the same
+    network the unconditional prediction that classifier-free guidance subtracts (Chapter 05,
+    section "Caption dropout"). The empty prompt's features, not zeros: at sampling time the
+    pipeline feeds exactly those features as the unconditional input.
+    """
+    if not 0 <= probability <= 1:
+        raise ValueError(f"probability={probability} must lie in [0, 1]; SD used 0.1.")
+    if context.ndim != 3 or tuple(empty_context.shape) != tuple(context.shape[1:]):
+        raise ValueError(f"context {tuple(context.shape)} must be (B, L, D) and empty_context (L, D), "
+                         f"got {tuple(empty_context.shape)}; encode the empty prompt with the same text encoder.")
+    drop = torch.rand(context.shape[0], generator=generator) < probability  # (B,)
+    return torch.where(drop.to(context.device)[:, None, None], empty_context.to(context.dtype), context)  # (B, L, D)
+
+
+@torch.no_grad()
+def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Move every weight of ``ema_model`` a step towards ``model``'s: ema ← decay·ema + (1 - decay)·weight.
+
+    The exponential moving average smooths out the noise of single optimiser steps; diffusion
+    models are sampled from it rather than from the last weights (Chapter 05, section "An average
+    of the weights").
+    Buffers, which the optimiser does not train, are copied.
+    """
+    for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters(), strict=True):
+        ema_parameter.lerp_(parameter.detach(), 1 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers(), strict=True):
+        ema_buffer.copy_(buffer)
+
+
+@dataclass
+class DiffusionData:
+    """What the diffusion loop trains on, computed once because the VAE and text encoder are frozen.
+
+    ``latents_mean`` and ``latents_std`` (N, C, h, w) are the VAE posterior's moments times the
+    scaling factor; each step draws a fresh sample mean + std·ε, as training on
+    ``vae.encode(x).sample()`` would, without running the encoder again. In pixel space
+    ``latents_mean`` holds the images and ``latents_std`` is None. ``contexts`` (U, L, D) holds
+    the text encoder's output for each of the U distinct captions, ``caption_index`` (N,) the row
+    of each image's caption, and ``empty_context`` (L, D) the output for ``""``.
+    """
+
+    latents_mean: torch.Tensor
+    latents_std: torch.Tensor | None
+    contexts: torch.Tensor
+    caption_index: torch.Tensor
+    empty_context: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.latents_mean)
+
+
+@torch.no_grad()
+def prepare_diffusion_data(images: torch.Tensor, captions: list[str], text_encoder: torch.nn.Module, tokenizer,
+                           vae: torch.nn.Module | None = None, batch_size: int = 256) -> DiffusionData:
+    """Encode images (N, 3, H, W) in [-1, 1] with the frozen VAE (None: stay in pixel space) and the
+    distinct captions with the frozen text encoder, once, for ``LatentDiffusionTrainer`` (Chapter 05,
+    section "The frozen parts")."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions; pass one caption per image.")
+    distinct = sorted(set(captions))
+    row = {caption: i for i, caption in enumerate(distinct)}
+    encoder_device = next(text_encoder.parameters()).device
+    contexts = torch.cat([text_encoder(tokenizer(distinct[i:i + batch_size]).to(encoder_device)).float().cpu()
+                          for i in range(0, len(distinct), batch_size)])  # (U, 77, D)
+    empty_context = text_encoder(tokenizer([""]).to(encoder_device))[0].float().cpu()  # (77, D)
+    if vae is None:
+        means, stds = images.float(), None
+    else:
+        vae_device = next(vae.parameters()).device
+        posteriors = [vae.encode(images[i:i + batch_size].to(vae_device)) for i in range(0, len(images), batch_size)]
+        means = torch.cat([p.mean.float().cpu() for p in posteriors]) * vae.scaling_factor  # (N, C, h, w)
+        stds = torch.cat([p.std.float().cpu() for p in posteriors]) * vae.scaling_factor
+    return DiffusionData(means, stds, contexts, torch.tensor([row[c] for c in captions]), empty_context)
+
+
+class PixelSpace(torch.nn.Module):
+    """The identity in the VAE's place, so that a diffusion model on pixels runs through the same
+    trainer and pipeline as one on latents (Chapter 05, section "Pixel space against latent space").
+
+    ``decode`` returns its input; the config says 3 "latent" channels, f = 1 and a scaling factor
+    of 1. It has no weights; one empty parameter carries the device and dtype, as a pipeline
+    expects of its models.
+    """
+
+    def __init__(self, channels: int = 3):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.config = SimpleNamespace(latent_channels=channels, downsample_factor=1, scaling_factor=1.0)
+        self.placement = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    """The settings of one latent diffusion training run (Chapter 05, section "The loop").
+
+    The noise schedule keys are diffusers' (SD's ``scaled_linear`` from 0.00085 to 0.012 by
+    default). The learning rate warms up linearly over ``warmup_steps``, then decays on a cosine
+    to zero at ``steps``. ``ema_decay`` is the EMA's decay, warmed up as (1 + step) / (10 + step)
+    so that the early average is not stuck at the random initialisation. ``mixed_precision``
+    None means on for CUDA (bfloat16 where the GPU has it, float16 with loss scaling otherwise).
+    """
+
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.1
+    prediction_type: str = "epsilon"
+    ema_decay: float = 0.999
+    max_grad_norm: float = 1.0
+    mixed_precision: bool | None = None
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type={self.prediction_type!r} is not known; use 'epsilon' or 'v_prediction'.")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+
+    def scheduler_config(self) -> dict:
+        """The keys a scheduler needs to sample from the trained model, in diffusers' names."""
+        return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                    beta_start=self.beta_start, beta_end=self.beta_end, prediction_type=self.prediction_type)
+
+    def learning_rate_at(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        return self.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
+
+
+class LatentDiffusionTrainer:
+    """The LDM training loop, one step at a time, with checkpoints that resume the same run.
+
+    Each step (Chapter 05, section "The loop"): draw a batch of latents and their
+    captions, drop some captions to the empty prompt, add noise at uniformly drawn timesteps
+    (``diffusion.diffusion_loss``), regress the U-Net's output on the noise (or on v) with an MSE,
+    take a clipped AdamW step and update the EMA. All randomness comes from one CPU generator
+    seeded with ``config.seed``, so on the CPU a seed fixes the loss curve, and a checkpoint
+    (weights, EMA, optimiser state, step, generator state, losses) continues it bit for bit.
+    """
+
+    FORMAT = "ldm_teach.LatentDiffusionTrainer/1"
+
+    def __init__(self, unet: torch.nn.Module, data: DiffusionData, config: DiffusionTrainingConfig | None = None):
+        from .schedulers import DDPMScheduler
+
+        self.config = config = config or DiffusionTrainingConfig()
+        self.unet, self.data = unet, data
+        if tuple(data.latents_mean.shape[1:2]) != (unet.config.in_channels,):
+            raise ValueError(f"the data has {data.latents_mean.shape[1]} channels but the U-Net takes "
+                             f"{unet.config.in_channels} (unet.config.in_channels); build the U-Net for this data.")
+        self.device = device = next(unet.parameters()).device
+        self.ema = copy.deepcopy(unet).requires_grad_(False)
+        self.alphas_cumprod = DDPMScheduler(**config.scheduler_config()).alphas_cumprod  # ᾱ_t, (T,)
+        self.optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           fused=device.type in ("cpu", "cuda"))
+        mixed = config.mixed_precision if config.mixed_precision is not None else device.type == "cuda"
+        if mixed and device.type != "cuda":
+            raise ValueError(f"mixed_precision=True needs a CUDA GPU, but the U-Net is on {device}; "
+                             "leave mixed_precision=None (on for CUDA only).")
+        bfloat16 = mixed and torch.cuda.get_device_capability(device)[0] >= 8
+        self.autocast_dtype = (torch.bfloat16 if bfloat16 else torch.float16) if mixed else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.losses, self.seconds = 0, [], []
+
+    def training_step(self) -> float:
+        """One optimiser step on a fresh batch; returns its loss."""
+        config, data, generator = self.config, self.data, self.generator
+        index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+        latents = data.latents_mean[index]  # (B, C, h, w)
+        if data.latents_std is not None:  # a fresh draw from the VAE posterior
+            latents = latents + data.latents_std[index] * torch.randn(latents.shape, generator=generator)
+        context = caption_dropout(data.contexts[data.caption_index[index]], data.empty_context,
+                                  config.caption_dropout, generator)  # (B, 77, D)
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate_at(self.step)
+        self.unet.train()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = diffusion.diffusion_loss(self.unet, latents.to(self.device), self.alphas_cumprod,
+                                            context.to(self.device), prediction_type=config.prediction_type,
+                                            generator=generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        ema_update(self.ema, self.unet, min(config.ema_decay, (1 + self.step) / (10 + self.step)))
+        self.step += 1
+        return loss.item()
+
+    def train(self, until: int | None = None, max_seconds: float | None = None,
+              callback: Callable[["LatentDiffusionTrainer"], None] | None = None, callback_every: int = 500,
+              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 500,
+              progress: bool = True, description: str = "training the U-Net") -> list[float]:
+        """Step until step ``until`` (default ``config.steps``) or for ``max_seconds``; return all losses.
+
+        ``trainer.seconds`` records the time spent in training steps up to each step, so that
+        runs can be compared at equal compute time; ``max_seconds`` counts the same time.
+
+        ``callback(trainer)`` runs every ``callback_every`` steps and at the end (for a live loss
+        curve or a grid of samples from ``trainer.ema``). With ``checkpoint_path`` the run is saved
+        there every ``checkpoint_every`` steps, so an interrupted run can ``load`` it and go on.
+        """
+        until = self.config.steps if until is None else until
+        if not self.step <= until <= self.config.steps:
+            raise ValueError(f"until={until} must lie between the current step {self.step} and config.steps={self.config.steps}.")
+        elapsed = self.seconds[-1] if self.seconds else 0.0  # seconds spent in steps, not in callbacks or saving
+        budget_end = elapsed + max_seconds if max_seconds is not None else math.inf
+        bar = tqdm(total=until, initial=self.step, desc=description, disable=not progress)
+        while self.step < until and elapsed < budget_end:
+            start = time.perf_counter()
+            self.losses.append(self.training_step())
+            elapsed += time.perf_counter() - start
+            self.seconds.append(elapsed)
+            bar.update(1)
+            if self.step % 20 == 0 or self.step == until:
+                recent = self.losses[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if checkpoint_path is not None and self.step % checkpoint_every == 0:
+                self.save(checkpoint_path)
+            if callback is not None and self.step % callback_every == 0 and self.step < until:
+                callback(self)
+        bar.close()
+        self.unet.eval()
+        if callback is not None:
+            callback(self)
+        return self.losses
+
+    # --- checkpoints ---
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write everything the run needs to continue to one safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        optimizer_state = self.optimizer.state_dict()
+        for index, state in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{index}.{key}": torch.as_tensor(value) for key, value in state.items()})
+        tensors["generator_state"] = self.generator.get_state()
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        tensors["seconds"] = torch.tensor(self.seconds, dtype=torch.float64)
+        metadata = {"format": self.FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.config)),
+                    "unet_config": json.dumps(asdict(self.unet.config)),
+                    "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
+                    "grad_scaler": json.dumps(self.scaler.state_dict())}
+        temporary = f"{os.fspath(path)}.partial"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+
+    def load(self, path: str | os.PathLike) -> "LatentDiffusionTrainer":
+        """Continue the run saved in ``path``; refuse a checkpoint of another run or another model."""
+        from safetensors import safe_open
+
+        from .pretrained import load_state_dict_strict
+
+        with safe_open(os.fspath(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        if metadata.get("format") != self.FORMAT:
+            raise ValueError(f"{path} is not a LatentDiffusionTrainer checkpoint (format {metadata.get('format')!r}).")
+        saved = json.loads(metadata["config"])
+        differing = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
+        if differing:
+            raise ValueError(f"{path} is a checkpoint of another run; these settings differ (saved, now): {differing}. "
+                             "Resume with the saved DiffusionTrainingConfig, or start a new run.")
+        load_state_dict_strict(self.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, "U-Net")
+        load_state_dict_strict(self.ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, "EMA U-Net")
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
+        self.scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
+        self.generator.set_state(tensors["generator_state"])
+        self.step = int(metadata["step"])
+        self.losses, self.seconds = tensors["losses"].tolist(), tensors["seconds"].tolist()
+        return self

@@ -184,3 +184,86 @@ def test_unet_checkers_pass_the_package_and_name_the_mistakes(capsys):
 def test_an_unwritten_function_is_recognised():
     result = exercises.check_q_sample(lambda x0, t, noise, alphas_cumprod: x0)
     assert not result and "returned the input `x0` unchanged" in result.message
+
+
+def test_training_checkers_pass_the_package_and_name_the_mistakes(capsys):
+    from ldm_teach import train
+
+    def package_step(unet, latents, context, alphas_cumprod, generator):
+        return diffusion.diffusion_loss(unet, latents, alphas_cumprod, context, generator=generator)
+
+    assert exercises.check_training_step(package_step)
+    assert exercises.check_caption_dropout(train.caption_dropout)
+    assert exercises.check_ema_update(train.ema_update)
+    assert capsys.readouterr().out.count("✅") == 3
+
+    def clean_target(unet, latents, context, alphas_cumprod, generator):
+        t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=generator)
+        x_t = diffusion.q_sample(latents, t, torch.randn(latents.shape, generator=generator), alphas_cumprod)
+        return torch.nn.functional.mse_loss(unet(x_t, t, context), latents)
+
+    result = exercises.check_training_step(clean_target)
+    assert not result and "compared with the clean latents" in result.message
+    result = exercises.check_training_step(lambda unet, latents, context, alphas_cumprod, generator: torch.zeros(()))
+    assert not result and "carries no gradient" in result.message
+
+    def zeros_for_dropped(context, empty_context, probability, generator):
+        drop = torch.rand(len(context), generator=generator) < probability
+        return torch.where(drop[:, None, None], torch.zeros_like(context), context)
+
+    result = exercises.check_caption_dropout(zeros_for_dropped)
+    assert not result and "zeros instead of the empty prompt" in result.message
+
+    def swapped(ema_model, model, decay):
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+                ema_parameter.copy_(decay * parameter + (1 - decay) * ema_parameter)
+
+    result = exercises.check_ema_update(swapped)
+    assert not result and "decay and 1 - decay swapped" in result.message
+    result = exercises.check_ema_update(lambda ema_model, model, decay: [p * decay for p in ema_model.parameters()])
+    assert not result and "in place" in result.message
+
+    def moves_the_model(ema_model, model, decay):
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+                parameter.lerp_(ema_parameter, 1 - decay)
+
+    result = exercises.check_ema_update(moves_the_model)
+    assert not result and "the model's own weights changed" in result.message
+
+
+def test_inference_checkers_pass_the_package_and_name_the_mistakes(capsys):
+    from functools import partial
+
+    from ldm_teach.pipeline import classifier_free_guidance
+
+    assert exercises.check_guidance(classifier_free_guidance)
+    assert exercises.check_denoising_loop(exercises.reference_denoising_loop)
+    assert exercises.check_decode_latents(exercises.reference_decode)
+    assert capsys.readouterr().out.count("✅") == 3
+
+    result = exercises.check_guidance(lambda noise_uncond, noise_text, guidance_scale:
+                                      noise_text + guidance_scale * (noise_text - noise_uncond))
+    assert not result and "the step taken from ε_text" in result.message
+    result = exercises.check_guidance(lambda noise_uncond, noise_text, guidance_scale: noise_uncond)
+    assert not result and "returned the input `noise_uncond` unchanged" in result.message
+
+    for flag, hint in [("init_sigma", "init_noise_sigma"), ("scale_input", "scale_model_input"),
+                       ("halves_swapped", "halves of the U-Net's output swapped")]:
+        wrong = partial(exercises.reference_denoising_loop, **{flag: flag == "halves_swapped"})
+        result = exercises.check_denoising_loop(wrong)
+        assert not result and hint in result.message, flag
+
+    def no_set_timesteps(unet, scheduler, latents, context, uncond_context, guidance_scale, num_inference_steps):
+        for t in scheduler.timesteps:  # None: the learner forgot scheduler.set_timesteps
+            pass
+        return latents
+
+    result = exercises.check_denoising_loop(no_set_timesteps)
+    assert not result and "raised TypeError" in result.message
+
+    result = exercises.check_decode_latents(lambda vae, latents: (vae.decode(latents * vae.scaling_factor) / 2 + 0.5).clamp(0, 1))
+    assert not result and "multiplied by vae.scaling_factor instead of divided" in result.message
+    result = exercises.check_decode_latents(lambda vae, latents: vae.decode(latents / vae.scaling_factor) / 2 + 0.5)
+    assert not result and "not clipped to [0, 1]" in result.message

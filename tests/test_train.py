@@ -68,3 +68,126 @@ def test_train_clip_is_seeded_and_learns_to_pair():
         train.train_clip(model, images, captions[:-1], tokenizer, steps=1)
     with pytest.raises(ValueError, match="batch_size=100"):
         train.train_clip(model, images, captions, tokenizer, steps=1, batch_size=100)
+
+
+# --- chapter 05: latent diffusion ---
+
+
+def test_caption_dropout_swaps_whole_captions_for_the_empty_prompt():
+    context = torch.randn(1000, 7, 5)
+    empty = torch.randn(7, 5)
+    assert torch.equal(train.caption_dropout(context, empty, 0.0), context)
+    assert torch.equal(train.caption_dropout(context, empty, 1.0), empty.expand(1000, 7, 5))
+    dropped = train.caption_dropout(context, empty, 0.1, torch.Generator().manual_seed(0))
+    is_empty = (dropped == empty).all(dim=(1, 2))
+    is_kept = (dropped == context).all(dim=(1, 2))
+    assert bool((is_empty | is_kept).all())  # a caption is dropped whole or kept whole
+    assert 70 <= int(is_empty.sum()) <= 130  # about 10% of 1000
+    again = train.caption_dropout(context, empty, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)
+    with pytest.raises(ValueError, match="probability=1.5"):
+        train.caption_dropout(context, empty, 1.5)
+    with pytest.raises(ValueError, match="empty_context"):
+        train.caption_dropout(context, empty[:3], 0.1)
+
+
+def test_ema_update_moves_each_weight_towards_the_model():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.clone() for p in ema.parameters()]
+    train.ema_update(ema, model, decay=0.9)
+    for old, new, target in zip(before, ema.parameters(), model.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * target, atol=1e-7)
+    train.ema_update(ema, model, decay=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+
+
+def tiny_diffusion_setup(pixel_space: bool = False):
+    """A 16x16 shapes set, a small text encoder and (unless pixel_space) a small VAE with f = 2."""
+    from ldm_teach import vae as vae_module
+
+    dataset = data.ShapesDataset(24, image_size=16, seed=0)
+    torch.manual_seed(0)
+    text_encoder = clip.TextEncoder(clip.TextEncoderConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2))
+    autoencoder = None if pixel_space else vae_module.AutoencoderKL(vae_module.VAEConfig.tiny(2))
+    if autoencoder is not None:
+        autoencoder.config.scaling_factor = 2.0
+    return train.prepare_diffusion_data(dataset.tensors(), dataset.captions(), text_encoder, clip.Tokenizer(),
+                                        vae=autoencoder, batch_size=10), dataset
+
+
+def tiny_trainer(diffusion_data, **settings):
+    from ldm_teach import unet
+
+    torch.manual_seed(1)
+    channels = diffusion_data.latents_mean.shape[1]
+    model = unet.UNet(unet.UNetConfig.tiny(in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                                           norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16))
+    config = train.DiffusionTrainingConfig(**{"steps": 8, "batch_size": 4, "warmup_steps": 2, **settings})
+    return train.LatentDiffusionTrainer(model, diffusion_data, config)
+
+
+def test_prepare_diffusion_data_encodes_once_and_scales_the_latents():
+    diffusion_data, dataset = tiny_diffusion_setup()
+    assert diffusion_data.latents_mean.shape == (24, 4, 8, 8) and diffusion_data.latents_std.shape == (24, 4, 8, 8)
+    distinct = sorted(set(dataset.captions()))
+    assert diffusion_data.contexts.shape == (len(distinct), 77, 16) and diffusion_data.empty_context.shape == (77, 16)
+    assert [distinct[i] for i in diffusion_data.caption_index] == dataset.captions()
+    pixels, _ = tiny_diffusion_setup(pixel_space=True)
+    assert pixels.latents_std is None and torch.equal(pixels.latents_mean, dataset.tensors())
+    assert torch.equal(pixels.contexts, diffusion_data.contexts)
+
+
+def test_latent_diffusion_training_is_seeded_and_a_resumed_run_continues_exactly(tmp_path):
+    diffusion_data, _ = tiny_diffusion_setup()
+    straight = tiny_trainer(diffusion_data)
+    straight.train(progress=False)
+    again = tiny_trainer(diffusion_data)
+    again.train(progress=False)
+    assert straight.losses == again.losses and len(straight.losses) == 8
+
+    interrupted = tiny_trainer(diffusion_data)
+    interrupted.train(until=3, progress=False)
+    interrupted.save(tmp_path / "run.safetensors")
+    resumed = tiny_trainer(diffusion_data).load(tmp_path / "run.safetensors")
+    assert resumed.step == 3 and resumed.losses == straight.losses[:3]
+    resumed.train(progress=False)
+    assert resumed.losses == straight.losses
+    for a, b in [(straight.unet, resumed.unet), (straight.ema, resumed.ema)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(straight.unet.parameters(), straight.ema.parameters()))
+
+
+def test_a_checkpoint_of_another_run_or_model_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    diffusion_data, _ = tiny_diffusion_setup()
+    trainer = tiny_trainer(diffusion_data)
+    trainer.train(until=2, progress=False)
+    trainer.save(tmp_path / "run.safetensors")
+    with pytest.raises(ValueError, match="learning_rate"):
+        tiny_trainer(diffusion_data, learning_rate=5e-4).load(tmp_path / "run.safetensors")
+    tensors = load_file(tmp_path / "run.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run.safetensors", framework="pt") as file:
+        metadata = file.metadata()
+    del tensors["unet.conv_in.weight"]
+    save_file(tensors, tmp_path / "broken.safetensors", metadata=metadata)
+    with pytest.raises(KeyError, match="conv_in.weight"):
+        tiny_trainer(diffusion_data).load(tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="until=99"):
+        trainer.train(until=99)
+
+
+def test_training_in_pixel_space_with_v_prediction_and_a_time_limit():
+    diffusion_data, _ = tiny_diffusion_setup(pixel_space=True)
+    trainer = tiny_trainer(diffusion_data, prediction_type="v_prediction", steps=1000)
+    trainer.train(max_seconds=0.5, progress=False)
+    assert 1 <= trainer.step < 1000 and len(trainer.seconds) == trainer.step
+    assert all(loss == loss for loss in trainer.losses)
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        train.DiffusionTrainingConfig(prediction_type="x0")
+    with pytest.raises(ValueError, match="mixed_precision=True needs a CUDA GPU"):
+        tiny_trainer(diffusion_data, mixed_precision=True)

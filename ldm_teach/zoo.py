@@ -1,0 +1,346 @@
+"""Tiny trained models, ready to use: trained on first use within the profile's budget, then cached.
+
+Chapter 05, section "The model zoo: trained once, loaded after". A chapter that needs a trained tiny model calls, say,
+``zoo.tiny_text_to_image()``. The first call trains what is missing (the VAE of chapter 02, the
+text encoder of chapter 03's tiny CLIP, the U-Net of chapter 05, all on the captioned shapes)
+with progress bars, and saves each to the cache; later calls load them in a moment.
+
+The cache is the folder named by ``LDM_TEACH_CACHE`` (default ``~/.cache/ldm_teach``), one
+subfolder per model and profile with ``model.safetensors`` and ``manifest.json``. The manifest
+records what the weights are: the settings that produced them (config, budget, data, seed, the
+package version, and for the U-Net the hashes of the VAE and text encoder it was trained with),
+the SHA-256 of the weights file and the training record (losses, seconds). Before loading, the
+weights are hashed and the settings compared with what this version of the package would train;
+a truncated or altered file, or weights for other settings, is never used: it is retrained with
+a warning, or with ``retrain=False`` reported as a ``CacheError``.
+
+The zoo's models never see the (color, shape) pairs in ``HELD_OUT_PAIRS``, so chapter 05 can
+ask whether the text-to-image model composes combinations it was not shown.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, clip, data, evaluate, runtime, train
+from .pretrained import load_state_dict_strict
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+CACHE_VARIABLE = "LDM_TEACH_CACHE"
+HELD_OUT_PAIRS = (("green", "triangle"), ("purple", "circle"))
+
+# What each profile spends on each model. quick: 2 CPU cores, chapter 05 within 10 minutes, all
+# included; full: a Colab GPU.
+BUDGETS = {
+    "quick": {
+        "vae": dict(images=2000, steps=1000, batch_size=16, learning_rate=2e-3, kl_weight=1e-6),
+        "text_encoder": dict(pairs=3000, steps=400, batch_size=128, learning_rate=1e-3),
+        "unet": dict(images=3000, steps=2000, batch_size=64, learning_rate=2e-3),
+        "shape_classifier": dict(images=1000, steps=200, batch_size=64),
+    },
+    "full": {
+        "vae": dict(images=10000, steps=3000, batch_size=32, learning_rate=2e-3, kl_weight=1e-6),
+        "text_encoder": dict(pairs=20000, steps=4000, batch_size=128, learning_rate=1e-3),
+        "unet": dict(images=20000, steps=12000, batch_size=128, learning_rate=2e-3),
+        "shape_classifier": dict(images=4000, steps=600, batch_size=64),
+    },
+}
+SEED = 0
+CHECKPOINT_EVERY = 250  # steps between the U-Net's checkpoints, from which an interrupted run continues
+
+
+class CacheError(RuntimeError):
+    """A cached model that cannot be used: missing, corrupt, or trained with other settings."""
+
+
+def cache_dir() -> Path:
+    """The zoo's folder: ``$LDM_TEACH_CACHE``, else ``~/.cache/ldm_teach``."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "ldm_teach").expanduser()
+
+
+def entry_dir(name: str, profile: str) -> Path:
+    return cache_dir() / f"{name}-{profile}"
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_manifest(name: str, profile: str | None = None) -> dict:
+    """The manifest of a cached model (settings, hash, training record); a CacheError if there is none."""
+    path = entry_dir(name, profile or runtime.pick_profile()) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{path} is missing or unreadable ({error}); load or train the model first.") from error
+
+
+def read_entry(name: str, profile: str, settings: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The weights and manifest cached for ``name``, checked; None if nothing is cached.
+
+    Raises CacheError, naming the problem, for a manifest that does not parse, weights whose
+    hash differs from the manifest's (a truncated or altered file), or settings that differ.
+    """
+    folder = entry_dir(name, profile)
+    manifest_path, weights_path = folder / "manifest.json", folder / "model.safetensors"
+    if not manifest_path.exists() and not weights_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{manifest_path} is missing or unreadable ({error})") from error
+    if not weights_path.is_file() or file_hash(weights_path) != manifest.get("sha256"):
+        raise CacheError(f"{weights_path} is missing or does not match the hash in its manifest (corrupt or altered)")
+    saved = manifest.get("settings", {})
+    differing = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+    if differing:
+        raise CacheError(f"{folder} was trained with other settings ({', '.join(differing)} differ)")
+    return load_file(weights_path), manifest
+
+
+def write_entry(name: str, profile: str, state_dict: dict[str, torch.Tensor], settings: dict, extra: dict) -> dict:
+    """Save weights and manifest; the weights first, so a manifest never describes missing weights."""
+    folder = entry_dir(name, profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / "model.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, folder / "model.safetensors.partial")
+    os.replace(folder / "model.safetensors.partial", weights_path)
+    manifest = {"name": name, "profile": profile, "settings": settings, "sha256": file_hash(weights_path), **extra}
+    (folder / "manifest.json.partial").write_text(json.dumps(manifest, indent=1))
+    os.replace(folder / "manifest.json.partial", folder / "manifest.json")
+    return manifest
+
+
+def cached(name: str, profile: str, settings: dict, build: Callable[[dict], torch.nn.Module],
+           fit: Callable[[], tuple[torch.nn.Module, dict]], retrain: bool) -> tuple[torch.nn.Module, dict]:
+    """Load ``name`` from the cache, or train it with ``fit()`` and cache it; returns (model, manifest).
+
+    ``build(manifest)`` makes the empty model for cached weights; ``fit()`` returns the trained
+    model and the extra manifest entries (its config, the training record).
+    """
+    settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
+    try:
+        entry = read_entry(name, profile, settings)
+    except CacheError as problem:
+        if not retrain:
+            raise CacheError(f"{problem}. Delete {entry_dir(name, profile)} or call again with retrain=True "
+                             "to train it anew.") from None
+        warnings.warn(f"the cached {name} is not usable: {problem}; training it again.", stacklevel=3)
+        entry = None
+    if entry is not None:
+        state_dict, manifest = entry
+        return load_state_dict_strict(build(manifest), state_dict, f"cached {name}").eval(), manifest
+    if not retrain:
+        raise CacheError(f"no {name} is cached in {entry_dir(name, profile)}; call with retrain=True to train it.")
+    print(f"training the tiny {name} ({profile} profile); it will be cached in {entry_dir(name, profile)}")
+    start = time.perf_counter()
+    model, extra = fit()
+    seconds = time.perf_counter() - start
+    manifest = write_entry(name, profile, model.state_dict(), settings, {**extra, "seconds": seconds})
+    print(f"trained the tiny {name} in {seconds:.0f} s")
+    return model.eval(), manifest
+
+
+def base_settings(name: str, profile: str) -> dict:
+    return {"version": __version__, "budget": BUDGETS[profile][name], "seed": SEED,
+            "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS]}
+
+
+def pick(profile: str | None, device) -> tuple[str, torch.device]:
+    profile = profile or runtime.pick_profile()
+    if profile not in runtime.PROFILES:
+        raise ValueError(f"profile={profile!r} is not a profile; use one of {runtime.PROFILES} or None.")
+    return profile, runtime.pick_device(device) if not isinstance(device, torch.device) else device
+
+
+# --- the models ------------------------------------------------------------------------------
+
+
+def tiny_vae(profile: str | None = None, retrain: bool = True, device=None, progress: bool = True) -> AutoencoderKL:
+    """Chapter 02's tiny VAE (f = 4: 32×32×3 images, 8×8×4 latents), frozen, with its scaling factor
+    estimated from the data as 1 / std of the latents (chapter 02, "The scaling factor")."""
+    profile, device = pick(profile, device)
+    budget = BUDGETS[profile]["vae"]
+    settings = {**base_settings("vae", profile), "config": asdict(VAEConfig.tiny(4))}
+
+    def fit():
+        images = data.ShapesDataset(budget["images"], seed=SEED, exclude=HELD_OUT_PAIRS).tensors()
+        torch.manual_seed(SEED)
+        model = AutoencoderKL(VAEConfig.tiny(4)).to(device)
+        history = train.train_vae(model, images, steps=budget["steps"], batch_size=budget["batch_size"],
+                                  learning_rate=budget["learning_rate"], kl_weight=budget["kl_weight"], seed=SEED,
+                                  progress=progress, description="training the tiny VAE")
+        with torch.no_grad():
+            latents = model.encode(images[:512].to(device)).sample(torch.Generator().manual_seed(SEED))
+        model.config.scaling_factor = 1 / latents.float().std().item()
+        return model, {"config": asdict(model.config), "pixel_error": history["pixel_error"]}
+
+    model, _ = cached("vae", profile, settings, lambda manifest: AutoencoderKL(VAEConfig(**manifest["config"])), fit,
+                      retrain)
+    return model.to(device).requires_grad_(False)
+
+
+def tiny_text_encoder(profile: str | None = None, retrain: bool = True, device=None,
+                      progress: bool = True) -> clip.TextEncoder:
+    """The text half of a tiny CLIP (chapter 03) trained on the captioned shapes: ids (B, 77) -> (B, 77, 64), frozen."""
+    profile, device = pick(profile, device)
+    budget = BUDGETS[profile]["text_encoder"]
+    settings = {**base_settings("text_encoder", profile), "config": asdict(clip.TextEncoderConfig.tiny())}
+
+    def fit():
+        dataset = data.ShapesDataset(budget["pairs"], seed=SEED, exclude=HELD_OUT_PAIRS)
+        torch.manual_seed(SEED)
+        model = clip.CLIP(clip.TextEncoderConfig.tiny(), clip.ImageEncoderConfig(patch_size=8), projection_dim=64)
+        losses = train.train_clip(model.to(device), dataset.tensors(), dataset.captions(), clip.Tokenizer(),
+                                  steps=budget["steps"], batch_size=budget["batch_size"],
+                                  learning_rate=budget["learning_rate"], seed=SEED, progress=progress)
+        return model.text_encoder, {"losses": losses}
+
+    model, _ = cached("text_encoder", profile, settings,
+                      lambda manifest: clip.TextEncoder(clip.TextEncoderConfig.tiny()), fit, retrain)
+    return model.to(device).requires_grad_(False)
+
+
+def shape_classifier(profile: str | None = None, retrain: bool = True, progress: bool = True) -> evaluate.ShapeClassifier:
+    """The judge of ``evaluate.prompt_adherence``, trained on every (color, shape) pair, on the CPU."""
+    profile, _ = pick(profile, "cpu")
+    budget = BUDGETS[profile]["shape_classifier"]
+
+    def fit():
+        model = evaluate.train_shape_classifier(budget["images"], steps=budget["steps"],
+                                                batch_size=budget["batch_size"], seed=SEED, progress=progress)
+        return model, {}
+
+    model, _ = cached("shape_classifier", profile, base_settings("shape_classifier", profile),
+                      lambda manifest: evaluate.ShapeClassifier(), fit, retrain)
+    return model
+
+
+def unet_config() -> UNetConfig:
+    """The tiny text-to-image U-Net: chapter 04's tiny config, on 8×8×4 latents and 64-wide text features."""
+    return UNetConfig.tiny()
+
+
+def unet_settings(profile: str, vae: AutoencoderKL, text_encoder: clip.TextEncoder) -> dict:
+    """What the cached U-Net must have been trained with: among others, exactly this VAE and text encoder."""
+    def weights_hash(model):
+        digest = hashlib.sha256()
+        for key, value in sorted(model.state_dict().items()):
+            digest.update(key.encode() + value.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    return {**base_settings("unet", profile), "config": asdict(unet_config()),
+            "training": asdict(training_config(profile)), "vae": weights_hash(vae),
+            "text_encoder": weights_hash(text_encoder)}
+
+
+def training_config(profile: str) -> train.DiffusionTrainingConfig:
+    budget = BUDGETS[profile]["unet"]
+    return train.DiffusionTrainingConfig(steps=budget["steps"], batch_size=budget["batch_size"],
+                                         learning_rate=budget["learning_rate"], seed=SEED)
+
+
+def train_tiny_unet(vae: AutoencoderKL, text_encoder: clip.TextEncoder, profile: str, device,
+                    callback: Callable | None = None, callback_every: int = 250, checkpoint_path: Path | None = None,
+                    progress: bool = True) -> train.LatentDiffusionTrainer:
+    """Train the zoo's U-Net on latents of the shapes (held-out pairs excluded); returns the trainer.
+
+    With ``checkpoint_path`` the run is saved along the way and, if a checkpoint of the same run
+    is there already, continued from it.
+    """
+    dataset = data.ShapesDataset(BUDGETS[profile]["unet"]["images"], seed=SEED, exclude=HELD_OUT_PAIRS)
+    diffusion_data = train.prepare_diffusion_data(dataset.tensors(), dataset.captions(), text_encoder,
+                                                  clip.Tokenizer(), vae=vae)
+    torch.manual_seed(SEED)
+    trainer = train.LatentDiffusionTrainer(UNet(unet_config()).to(device), diffusion_data, training_config(profile))
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        try:
+            trainer.load(checkpoint_path)
+            print(f"continuing the interrupted run from step {trainer.step} ({checkpoint_path})")
+        except (ValueError, KeyError, OSError) as error:
+            warnings.warn(f"the checkpoint {checkpoint_path} is not usable ({error}); starting afresh.", stacklevel=2)
+            torch.manual_seed(SEED)
+            trainer = train.LatentDiffusionTrainer(UNet(unet_config()).to(device), diffusion_data,
+                                                   training_config(profile))
+    trainer.train(callback=callback, callback_every=callback_every, checkpoint_path=checkpoint_path,
+                  checkpoint_every=CHECKPOINT_EVERY, progress=progress, description="training the tiny U-Net")
+    return trainer
+
+
+def tiny_unet(profile: str | None = None, retrain: bool = True, device=None, callback: Callable | None = None,
+              callback_every: int = 250, progress: bool = True) -> UNet:
+    """The zoo's U-Net (its EMA weights), trained against ``tiny_vae`` and ``tiny_text_encoder`` of the same profile."""
+    profile, device = pick(profile, device)
+    vae = tiny_vae(profile, retrain, device, progress)
+    text_encoder = tiny_text_encoder(profile, retrain, device, progress)
+    checkpoint = entry_dir("unet", profile) / "checkpoint.safetensors"
+
+    def fit():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        trainer = train_tiny_unet(vae, text_encoder, profile, device, callback, callback_every, checkpoint, progress)
+        return trainer.ema, training_record(trainer)
+
+    model, manifest = cached("unet", profile, unet_settings(profile, vae, text_encoder),
+                             lambda manifest: UNet(unet_config()), fit, retrain)
+    checkpoint.unlink(missing_ok=True)
+    return model.to(device).requires_grad_(False)
+
+
+def training_record(trainer: train.LatentDiffusionTrainer) -> dict:
+    return {"losses": trainer.losses, "steps": trainer.step, "training_seconds": trainer.seconds[-1]}
+
+
+def save_tiny_unet(trainer: train.LatentDiffusionTrainer, vae: AutoencoderKL, text_encoder: clip.TextEncoder,
+                   profile: str | None = None) -> dict:
+    """Cache a U-Net that ``train_tiny_unet`` trained (its EMA weights) where ``tiny_unet`` and
+    ``tiny_text_to_image`` look; returns the manifest. Chapter 05 trains the model in view and stores it here."""
+    profile, _ = pick(profile, "cpu")
+    settings = json.loads(json.dumps(unet_settings(profile, vae, text_encoder)))
+    if trainer.step != settings["training"]["steps"] or asdict(trainer.config) != settings["training"]:
+        raise ValueError(f"this trainer ran {trainer.step} of {trainer.config.steps} steps with other settings than the "
+                         f"zoo's for the {profile} profile; cache only a finished train_tiny_unet run.")
+    return write_entry("unet", profile, trainer.ema.state_dict(), settings,
+                       {**training_record(trainer), "seconds": trainer.seconds[-1]})
+
+
+def scheduler_for(config: train.DiffusionTrainingConfig):
+    """The sampler for a model trained with ``config``: DDIM with SD's settings, on the training's
+    noise schedule and prediction type."""
+    from .schedulers import DDIMScheduler
+
+    return DDIMScheduler(**config.scheduler_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_text_to_image(profile: str | None = None, retrain: bool = True, device=None,
+                       callback: Callable | None = None, callback_every: int = 250, progress: bool = True):
+    """A ready ``pipeline.StableDiffusion`` of the tiny trained models, called like any pipeline:
+    ``pipe("a large red circle in the center", guidance_scale=7.5).images``.
+
+    The first call in a profile trains what the cache lacks (quick profile: a few minutes on a
+    laptop CPU); later calls load. ``callback(trainer)`` sees the U-Net's training, if it happens.
+    """
+    from .pipeline import StableDiffusion
+
+    profile, device = pick(profile, device)
+    unet = tiny_unet(profile, retrain, device, callback, callback_every, progress)
+    vae = tiny_vae(profile, retrain, device, progress)
+    text_encoder = tiny_text_encoder(profile, retrain, device, progress)
+    return StableDiffusion(unet, vae, text_encoder, clip.Tokenizer(), scheduler_for(training_config(profile)))
+
+
+def clear(profile: str | None = None) -> None:
+    """Delete the zoo's cached models (of one profile, or all)."""
+    for folder in cache_dir().glob(f"*-{profile}" if profile else "*-*"):
+        if (folder / "manifest.json").exists() or (folder / "model.safetensors").exists():
+            shutil.rmtree(folder)
