@@ -6,8 +6,7 @@ and its ``state_dict()``, and build our model; the ``load_*`` functions read a
 diffusers-format folder (``config.json`` plus safetensors) directly, or download one
 from the Hugging Face hub. ``load_pipeline`` reads a whole pipeline folder into a
 ``pipeline.StableDiffusion``, and ``load_single_file`` an original one-file checkpoint by
-rule-based renaming (Chapter 06, sections "Loading real weights" and "One file: the original
-checkpoints").
+rule-based renaming (Chapter 06, section "Loading real weights").
 
 Every load is strict: a key that is missing or unexpected is an error that lists them,
 never a silently half-loaded model.
@@ -373,7 +372,7 @@ def load_pipeline(path_or_repo_id: str | os.PathLike, revision: str | None = Non
     )
 
 
-# --- single-file checkpoints (Chapter 06, section "One file: the original checkpoints") ----------
+# --- single-file checkpoints (Chapter 06, section "Loading real weights") ------------------------
 # The original Stable Diffusion releases (CompVis, RunwayML: v1-5-pruned-emaonly.safetensors) keep all
 # three models in one file, under the names of the LDM code base. The rules below give, for each of
 # our weights, its name there; loading reads the table backwards, saving forwards.

@@ -213,3 +213,14 @@ def test_half_precision_runs_through(tiny_diffusers_pipeline):
     image = half(PROMPTS, generator=torch.Generator().manual_seed(0), **options).images
     assert image.dtype == np.float32 and np.isfinite(image).all()
     assert np.abs(image - reference).mean() < 0.02
+
+
+def test_the_empty_prompt_is_a_prompt_like_any_other(pipelines):
+    """"" is what guidance uses as the unconditional; asked for directly it samples the unconditional model."""
+    pipelines = use_scheduler(pipelines, DDIMScheduler)
+    theirs, mine = both(pipelines, ["", "a cat"], num_inference_steps=3, guidance_scale=1.0, height=32, width=32,
+                        output_type="np")
+    assert np.abs(mine - theirs).max() < TOLERANCE
+    guided_empty = pipelines[1]("", num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
+                                generator=torch.Generator().manual_seed(0), output_type="np", progress=False).images
+    assert np.abs(guided_empty - mine[:1]).max() < 1e-5  # guiding "" against "" changes nothing
