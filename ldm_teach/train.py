@@ -289,8 +289,9 @@ class DiffusionTrainingConfig:
 
     The noise schedule keys are diffusers' (SD's ``scaled_linear`` from 0.00085 to 0.012 by
     default). The learning rate warms up linearly over ``warmup_steps``, then decays on a cosine
-    to zero at ``steps``. ``ema_decay`` is the EMA's decay, warmed up as (1 + step) / (10 + step)
-    so that the early average is not stuck at the random initialisation. ``mixed_precision``
+    to zero at ``steps``. ``ema_decay`` is the EMA's decay, warmed up as diffusers' ``EMAModel``
+    warms it up (``ema_decay_at``), so that the early average is not stuck at the random
+    initialisation. ``mixed_precision``
     None means on for CUDA (bfloat16 where the GPU has it, float16 with loss scaling otherwise).
     """
 
@@ -322,6 +323,12 @@ class DiffusionTrainingConfig:
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, prediction_type=self.prediction_type)
 
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA's decay at the update after step ``step`` (counted from 0), as diffusers' ``EMAModel``
+        computes it: 0 at the first update (the average starts as a copy), then
+        min(ema_decay, (1 + step) / (10 + step))."""
+        return 0.0 if step == 0 else min(self.ema_decay, (1 + step) / (10 + step))
+
     def learning_rate_at(self, step: int) -> float:
         warmup = min(1.0, (step + 1) / max(1, self.warmup_steps))
         return self.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
@@ -345,7 +352,7 @@ class LatentDiffusionTrainer:
 
         self.config = config = config or DiffusionTrainingConfig()
         self.unet, self.data = unet, data
-        if tuple(data.latents_mean.shape[1:2]) != (unet.config.in_channels,):
+        if data.latents_mean.shape[1] != unet.config.in_channels:
             raise ValueError(f"the data has {data.latents_mean.shape[1]} channels but the U-Net takes "
                              f"{unet.config.in_channels} (unet.config.in_channels); build the U-Net for this data.")
         self.device = device = next(unet.parameters()).device
@@ -386,7 +393,7 @@ class LatentDiffusionTrainer:
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        ema_update(self.ema, self.unet, min(config.ema_decay, (1 + self.step) / (10 + self.step)))
+        ema_update(self.ema, self.unet, config.ema_decay_at(self.step))
         self.step += 1
         return loss.item()
 
@@ -452,13 +459,17 @@ class LatentDiffusionTrainer:
 
     def load(self, path: str | os.PathLike) -> "LatentDiffusionTrainer":
         """Continue the run saved in ``path``; refuse a checkpoint of another run or another model."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         from .pretrained import load_state_dict_strict
 
-        with safe_open(os.fspath(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        try:
+            with safe_open(os.fspath(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated. "
+                             "Start a new run, or resume from an intact checkpoint.") from error
         if metadata.get("format") != self.FORMAT:
             raise ValueError(f"{path} is not a LatentDiffusionTrainer checkpoint (format {metadata.get('format')!r}).")
         saved = json.loads(metadata["config"])

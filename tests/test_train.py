@@ -1,4 +1,6 @@
 """Training loops: seeded, with a loss that falls."""
+import copy
+
 import pytest
 import torch
 
@@ -102,6 +104,26 @@ def test_ema_update_moves_each_weight_towards_the_model():
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
 
 
+def test_the_ema_schedule_matches_diffusers_ema_model():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+    ours = copy.deepcopy(model).requires_grad_(False)
+    ours.apply(lambda m: [torch.nn.init.zeros_(p) for p in m.parameters(recurse=False)])  # the copy must not matter
+    reference = EMAModel(model.parameters(), decay=0.99)
+    config = train.DiffusionTrainingConfig(ema_decay=0.99)
+    for step in range(30):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape))
+        train.ema_update(ours, model, config.ema_decay_at(step))
+        reference.step(model.parameters())
+        assert config.ema_decay_at(step) == reference.cur_decay_value
+    for a, b in zip(ours.parameters(), reference.shadow_params):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def tiny_diffusion_setup(pixel_space: bool = False):
     """A 16x16 shapes set, a small text encoder and (unless pixel_space) a small VAE with f = 2."""
     from ldm_teach import vae as vae_module
@@ -179,6 +201,9 @@ def test_a_checkpoint_of_another_run_or_model_is_refused(tmp_path):
         tiny_trainer(diffusion_data).load(tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="until=99"):
         trainer.train(until=99)
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "run.safetensors").read_bytes()[:500])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        tiny_trainer(diffusion_data).load(tmp_path / "truncated.safetensors")
 
 
 def test_training_in_pixel_space_with_v_prediction_and_a_time_limit():

@@ -108,6 +108,14 @@ def test_an_interrupted_unet_training_resumes_the_same_run(tiny_zoo, monkeypatch
     assert "continuing the interrupted run from step 3" in capsys.readouterr().out
     assert same(straight, resumed) and zoo.read_manifest("unet", "quick")["losses"] == straight_losses
 
+    checkpoint = tmp_path / "second_cache" / "unet-quick" / "checkpoint.safetensors"
+    checkpoint.write_bytes(b"half a file")  # a checkpoint cut short: not used, the run starts afresh
+    for finished in ("manifest.json", "model.safetensors"):  # as if the run had never finished
+        (tmp_path / "second_cache" / "unet-quick" / finished).unlink()
+    with pytest.warns(UserWarning, match="checkpoint .* is not usable"):
+        restarted = weights(zoo.tiny_unet("quick", device="cpu", progress=False))
+    assert same(straight, restarted)
+
 
 def test_tiny_text_to_image_is_a_pipeline(tiny_zoo):
     pipe = zoo.tiny_text_to_image("quick", device="cpu", progress=False)
