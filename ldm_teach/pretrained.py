@@ -323,9 +323,9 @@ PIPELINE_COMPONENTS = {
 def pipeline_file_patterns(variant: str | None = None) -> list[str]:
     """The files of a diffusers repository that ``load_pipeline`` reads: configs, the tokenizer, and one
     safetensors file per model (``variant="fp16"``: the half-size ones). Nothing else is downloaded."""
-    unet_weights = weights_file_name(SAFETENSORS_NAMES[0], variant)
+    diffusers_weights = weights_file_name(SAFETENSORS_NAMES[0], variant)  # the U-Net's and the VAE's file name
     return ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
-            "unet/config.json", f"unet/{unet_weights}", "vae/config.json", f"vae/{unet_weights}",
+            "unet/config.json", f"unet/{diffusers_weights}", "vae/config.json", f"vae/{diffusers_weights}",
             "text_encoder/config.json", f"text_encoder/{weights_file_name(SAFETENSORS_NAMES[1], variant)}"]
 
 
