@@ -45,17 +45,32 @@ def make_betas(
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}.")
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    if beta_schedule == "squaredcos_cap_v2":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        if min(beta_start, beta_end) < 0:
+            raise ValueError(f"beta_start={beta_start} and beta_end={beta_end} must be positive: "
+                             "'scaled_linear' spaces their square roots evenly.")
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
         T = num_train_timesteps
         # β_t = 1 - ᾱ(t/T) / ᾱ((t-1)/T), in Python floats as the reference does.
-        betas = [
+        betas = torch.tensor([
             min(1 - cosine_alphas_cumprod((i + 1) / T) / cosine_alphas_cumprod(i / T), 0.999) for i in range(T)
-        ]
-        return torch.tensor(betas, dtype=torch.float32)
-    raise ValueError(f"beta_schedule={beta_schedule!r} is not known; use one of {BETA_SCHEDULES}.")
+        ], dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule={beta_schedule!r} is not known; use one of {BETA_SCHEDULES}.")
+    check_betas(betas, f"the {beta_schedule!r} schedule from beta_start={beta_start} to beta_end={beta_end}")
+    return betas
+
+
+def check_betas(betas: torch.Tensor, what: str) -> None:
+    """Refuse noise variances outside (0, 1): β ≤ 0 adds no noise (or imaginary noise), β ≥ 1 erases the signal
+    in one step and makes ᾱ zero or negative, and every sampler then divides by zero."""
+    if not torch.isfinite(betas).all() or betas.min() <= 0 or betas.max() >= 1:
+        raise ValueError(
+            f"{what} gives betas from {betas.min().item():.4g} to {betas.max().item():.4g}; every beta must lie "
+            "strictly between 0 and 1 (SD: beta_start=0.00085, beta_end=0.012, 'scaled_linear')."
+        )
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:

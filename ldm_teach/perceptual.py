@@ -117,18 +117,23 @@ def load_lpips(vgg_weights: str | os.PathLike | None = None, device: str | torch
     The download (528 MB, once, into torch's hub cache) needs the network. The file is a plain
     state dict, read with ``torch.load(weights_only=True)``.
     """
+    from .files import read_checkpoint
     from .pretrained import load_state_dict_strict
 
-    if vgg_weights is not None:
-        weights = torch.load(vgg_weights, map_location="cpu", weights_only=True)
-    else:
-        try:
-            weights = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", weights_only=True, progress=True)
-        except OSError as error:  # urllib's URLError is an OSError: offline, or the store unreachable
-            raise OSError(
-                f"could not download VGG16's weights from {VGG16_URL} ({error}). LPIPS needs them; on a machine "
-                "with network access download that file and pass its path: load_lpips(vgg_weights='vgg16-397923af.pth')."
-            ) from error
+    if vgg_weights is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_URL).name
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            try:  # torch writes to a temporary file and renames it: an interrupted download leaves nothing
+                torch.hub.download_url_to_file(VGG16_URL, str(cached), progress=True)
+            except OSError as error:  # urllib's URLError is an OSError: offline, or the store unreachable
+                raise OSError(
+                    f"could not download VGG16's weights from {VGG16_URL} ({error}). LPIPS needs them; on a machine "
+                    "with network access download that file and pass its path: "
+                    "load_lpips(vgg_weights='vgg16-397923af.pth')."
+                ) from error
+        vgg_weights = cached
+    weights = read_checkpoint(vgg_weights)  # a damaged file: an error naming it; a pickle of objects: refused
     with torch.device("meta"):
         model = LPIPS()
     model = load_state_dict_strict(model, lpips_state_dict(weights), "VGG16 / LPIPS")

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checks import as_device, as_float, as_int, check_callable, check_generator, check_tensor
 from .schedulers import DDPMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -143,6 +144,7 @@ class StableDiffusion:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
         """Move the U-Net, VAE and text encoder to ``device`` and/or ``dtype`` (float16 and bfloat16 are for GPUs)."""
+        device = as_device(device)
         for model in (self.unet, self.vae, self.text_encoder):
             model.to(device=device, dtype=dtype)
         return self
@@ -189,13 +191,21 @@ class StableDiffusion:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.100}.")
+        guidance_scale = as_float(guidance_scale, "guidance_scale")
         guided = guidance_scale > 1
         negatives = self.check_negative_prompt(negative_prompt, len(prompts), guided)
         height, width = self.check_size(height, width)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive int.")
+        num_inference_steps = as_int(num_inference_steps, "num_inference_steps", minimum=1)
+        num_images_per_prompt = as_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        eta = as_float(eta, "eta")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta={eta} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's noise at every step).")
+        check_generator(generator)
+        check_callable(callback, "callback")
+        if latents is not None:
+            check_tensor(latents, "latents")
         self.check_devices()
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # each prompt's images side by side
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
@@ -235,11 +245,11 @@ class StableDiffusion:
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Height and width (default: the trained size), refused unless positive multiples of 8 and of f."""
         multiple = max(8, self.vae_scale_factor)
-        sizes = {name: self.default_size() if size is None else size
+        sizes = {name: self.default_size() if size is None else as_int(size, name)
                  for name, size in (("height", height), ("width", width))}
         for name, size in sizes.items():
-            if not isinstance(size, int) or size <= 0 or size % multiple:
-                below = max(multiple, int(size) // multiple * multiple) if isinstance(size, (int, float)) else multiple
+            if size <= 0 or size % multiple:
+                below = max(multiple, size // multiple * multiple)
                 raise ValueError(
                     f"{name}={size!r} is not a positive multiple of {multiple}: the VAE maps each "
                     f"{self.vae_scale_factor}x{self.vae_scale_factor} pixels to one latent cell, and diffusers "

@@ -13,16 +13,16 @@ never a silently half-loaded model.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .checks import as_device, check_finite_weights
 from .clip import TextEncoder, TextEncoderConfig, Tokenizer
+from .files import read_checkpoint, read_json, read_safetensors
 from .pipeline import StableDiffusion
 from .schedulers import SCHEDULERS, Scheduler
 from .unet import UNet, UNetConfig
@@ -68,10 +68,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
 
 def read_config(folder: Path, name: str = "config.json") -> dict:
     """The JSON config of a component folder, with a clear error when it is missing."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a diffusers-format component folder holds {name} beside its weights.")
-    return json.loads(path.read_text())
+    return read_json(Path(folder) / name)
 
 
 def weights_file_name(name: str, variant: str | None) -> str:
@@ -85,7 +82,7 @@ def read_weights(folder: Path, names=SAFETENSORS_NAMES, variant: str | None = No
     candidates = [weights_file_name(n, variant) for n in names]
     for name in candidates:
         if (folder / name).is_file():
-            return load_file(folder / name)
+            return read_safetensors(folder / name)
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     hint = " Only pickle weights (.bin/.ckpt) are there; convert them to safetensors." if any(
         n.endswith((".bin", ".ckpt", ".pt")) for n in found) else ""
@@ -118,7 +115,7 @@ def rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Copy ``state_dict`` into ``model``, refusing any missing, unexpected or mis-shaped key."""
+    """Copy ``state_dict`` into ``model``, refusing any missing, unexpected or mis-shaped key, and NaN or inf."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -137,6 +134,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
             f"  mis-shaped ({len(mis_shaped)}): {show(mis_shaped)}\n"
             "Check that the config and the weights come from the same model."
         )
+    check_finite_weights(state_dict, what)
     model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
     return model
 
@@ -185,6 +183,7 @@ def load_vae(path_or_repo_id: str | os.PathLike, subfolder: str | None = "vae", 
     ``AutoencoderKL.save_pretrained`` writes) pass ``subfolder=None``; a local folder with its own
     ``config.json`` and no ``vae/`` inside is read as a VAE folder either way.
     """
+    device = as_device(device)  # checked before any weights are read or downloaded
     folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[0], variant))
     vae = _vae_from_state_dict(read_config(folder), read_weights(folder, variant=variant), f"VAE in {folder}")
     return vae.to(device=device, dtype=dtype).eval()
@@ -233,6 +232,7 @@ def load_unet(path_or_repo_id: str | os.PathLike, subfolder: str | None = "unet"
     the config and the one weights file asked for are downloaded (``variant="fp16"``: the
     half-size ``diffusion_pytorch_model.fp16.safetensors``).
     """
+    device = as_device(device)  # checked before any weights are read or downloaded
     folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[0], variant))
     unet = _unet_from_state_dict(read_config(folder), read_weights(folder, variant=variant), f"U-Net in {folder}")
     return unet.to(device=device, dtype=dtype).eval()
@@ -301,6 +301,7 @@ def load_text_encoder(path_or_repo_id: str | os.PathLike, subfolder: str | None 
     its own ``config.json`` and no ``text_encoder/`` inside (what ``CLIPTextModel.save_pretrained``
     writes) is read as a text encoder folder. ``variant="fp16"`` reads ``model.fp16.safetensors``.
     """
+    device = as_device(device)  # checked before any weights are read or downloaded
     folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[1], variant))
     weights = read_weights(folder, names=SAFETENSORS_NAMES[1:], variant=variant)
     text_encoder = _text_encoder_from_state_dict(read_config(folder), weights, f"text encoder in {folder}")
@@ -360,6 +361,7 @@ def load_pipeline(path_or_repo_id: str | os.PathLike, revision: str | None = Non
     commit hash: pin one for reproducible results). ``variant="fp16"`` reads the half-size weights
     files; ``dtype`` and ``device`` say where the models then live.
     """
+    device = as_device(device)  # checked before any weights are read or downloaded
     root = resolve_folder(path_or_repo_id, None, revision, allow_patterns=pipeline_file_patterns(variant))
     check_model_index(root)
     weights = dict(dtype=dtype, device=device, variant=variant)
@@ -480,33 +482,6 @@ def original_shape(key: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a single checkpoint file: safetensors, or a pickle that ``torch.load(weights_only=True)`` reads.
-
-    A pickle file can hold any Python object, and unpickling one can run any code; PyTorch's
-    ``weights_only=True`` reads tensors and plain containers only. A file it refuses is not loaded.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the path of a .safetensors (or .ckpt) checkpoint.")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"{path} is neither a .safetensors file nor a PyTorch pickle (.ckpt, .pt, .pth, .bin).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(
-            f"{path} is a pickle checkpoint that torch.load(weights_only=True) refuses ({reason}): besides tensors "
-            "it holds Python objects, and unpickling those can run arbitrary code, so ldm_teach does not load it. "
-            "If you trust its source, convert it once in a separate environment: "
-            "`sd = torch.load(path, weights_only=False)`, take sd['state_dict'] (or sd itself), and "
-            "`safetensors.torch.save_file(state_dict, 'model.safetensors')`; then load the .safetensors file."
-        ) from error
-    return checkpoint.get("state_dict", checkpoint)
-
-
 def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = None,
                      vae_config: VAEConfig | None = None, text_encoder_config: TextEncoderConfig | None = None,
                      scheduler_config: dict | None = None, tokenizer: Tokenizer | None = None,
@@ -519,6 +494,7 @@ def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = N
     ``unet_original_key``, ``vae_original_key`` and ``text_encoder_original_key``; each model loads
     strictly, and the error lists any weight the file lacks or has in excess.
     """
+    device = as_device(device)  # checked before any weights are read or downloaded
     state_dict = read_checkpoint(path)
     if any(k.startswith("cond_stage_model.model.") for k in state_dict):
         raise ValueError(f"{path} has an OpenCLIP text encoder (cond_stage_model.model.*), as SD 2.x does; "

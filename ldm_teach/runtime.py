@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import as_device
+
 PROFILES = ("quick", "full")
 PROFILE_VARIABLE = "LDM_TEACH_PROFILE"
 DEVICE_VARIABLE = "LDM_TEACH_DEVICE"
@@ -34,15 +36,7 @@ def pick_device(preferred: str | None = None) -> torch.device:
     """
     preferred = preferred or os.environ.get(DEVICE_VARIABLE)
     if preferred:
-        device = torch.device(preferred)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {preferred!r} was asked for, but torch sees no CUDA GPU; "
-                "use 'cpu', or in Colab pick Runtime > Change runtime type > T4 GPU."
-            )
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"device {preferred!r} was asked for, but MPS is not available; use 'cpu'.")
-        return device
+        return as_device(preferred)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -28,7 +28,8 @@ import warnings
 import numpy as np
 import torch
 
-from .diffusion import BETA_SCHEDULES, alphas_cumprod_from_betas, make_betas, q_sample
+from .checks import as_float, as_int
+from .diffusion import BETA_SCHEDULES, alphas_cumprod_from_betas, check_betas, make_betas, q_sample
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -70,7 +71,9 @@ def spaced_timesteps(timestep_spacing: str, num_inference_steps: int, num_train_
 
 
 def as_index(t) -> int:
-    """A timestep given as an int, a 0-d tensor or a one-element tensor, as a Python int."""
+    """A timestep given as an int, a NumPy integer, a 0-d tensor or a one-element tensor, as a Python int."""
+    if isinstance(t, str):
+        raise TypeError(f"t={t!r} is a string; pass a timestep from scheduler.timesteps.")
     return int(torch.as_tensor(t).reshape(-1)[0])
 
 
@@ -121,7 +124,14 @@ class Scheduler:
     def __init__(self, **config):
         self.config = SchedulerConfig(self.read_config(config))
         if self.config.trained_betas is not None:
-            self.betas = torch.tensor(self.config.trained_betas, dtype=torch.float32)
+            self.betas = torch.tensor(self.config.trained_betas, dtype=torch.float32).reshape(-1)
+            if len(self.betas) != self.config.num_train_timesteps:
+                raise ValueError(
+                    f"trained_betas has {len(self.betas)} values, but num_train_timesteps="
+                    f"{self.config.num_train_timesteps}: give one beta per training timestep, or set "
+                    f"num_train_timesteps={len(self.betas)}."
+                )
+            check_betas(self.betas, "trained_betas")
         else:
             self.betas = make_betas(self.config.beta_schedule, self.config.num_train_timesteps,
                                     self.config.beta_start, self.config.beta_end)
@@ -157,15 +167,37 @@ class Scheduler:
         for key, options in allowed.items():
             if values[key] not in options:
                 raise ValueError(f"{cls.__name__} got {key}={values[key]!r}; use one of {options}.")
+        values["num_train_timesteps"] = as_int(values["num_train_timesteps"], "num_train_timesteps", minimum=1)
+        values["steps_offset"] = as_int(values["steps_offset"], "steps_offset", minimum=0)
+        values["beta_start"] = as_float(values["beta_start"], "beta_start")
+        values["beta_end"] = as_float(values["beta_end"], "beta_end")
         return values
 
-    def check_num_inference_steps(self, num_inference_steps: int) -> None:
+    def check_num_inference_steps(self, num_inference_steps: int) -> int:
+        """The number of steps as a Python int, refused unless a whole number in 1..T."""
+        num_inference_steps = as_int(num_inference_steps, "num_inference_steps")
         T = self.config.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} must lie between 1 and num_train_timesteps={T}: "
                 "a sampler can only visit timesteps the model was trained on."
             )
+        return num_inference_steps
+
+    def check_timestep(self, t) -> int:
+        """t as a Python int, refused unless it is one of ``self.timesteps`` (DDIM and PNDM step from it)."""
+        self.check_ready()
+        t = as_index(t)
+        T = self.config.num_train_timesteps
+        if not 0 <= t < T:
+            raise ValueError(f"t={t} lies outside the training timesteps 0..{T - 1}; pass values from "
+                             "scheduler.timesteps.")
+        if not (self.timesteps.cpu() == t).any():
+            shown = ", ".join(str(v) for v in self.timesteps[:5].tolist())
+            raise ValueError(f"t={t} is not one of this scheduler's {len(self.timesteps)} timesteps ({shown}, ...); "
+                             "loop over scheduler.timesteps, or call set_timesteps again with the number of steps "
+                             "you want.")
+        return t
 
     def index_for_timestep(self, t) -> int:
         """The position of t in ``self.timesteps`` (the first, if it is there twice)."""
@@ -184,7 +216,7 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Visit n of the T timesteps, spaced by ``config.timestep_spacing`` (DDPM and DDIM; the others refine it)."""
-        self.check_num_inference_steps(num_inference_steps)
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
                                      self.config.num_train_timesteps, self.config.steps_offset)
@@ -293,9 +325,12 @@ class DDIMScheduler(Scheduler):
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t'}; with eta > 0, noise is drawn from ``generator``."""
-        self.check_ready()
-        t = as_index(t)
+        """One DDIM step x_t -> x_{t'}; with eta > 0 (at most 1, DDPM's variance), noise is drawn from ``generator``."""
+        t = self.check_timestep(t)
+        eta = as_float(eta, "eta")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta={eta} must lie in [0, 1]: 0 is deterministic DDIM, 1 adds DDPM's noise; "
+                             "outside that range the step's variance is negative or larger than the noise left.")
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod = self.alphas_cumprod[t]
         alpha_prod_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
@@ -358,7 +393,7 @@ class PNDMScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The visited timesteps, with the extra calls that start the multistep history."""
-        self.check_num_inference_steps(num_inference_steps)
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
         if not self.config.skip_prk_steps and num_inference_steps < 4:
             raise ValueError(
                 f"PNDMScheduler with skip_prk_steps=False needs num_inference_steps >= 4 for its three "
@@ -398,10 +433,10 @@ class PNDMScheduler(Scheduler):
 
         ``generator`` is accepted for a uniform interface; PNDM adds no noise.
         """
-        self.check_ready()
+        t = self.check_timestep(t)
         if not self.config.skip_prk_steps and self.counter < 12:
-            return self.step_runge_kutta(model_output, as_index(t), x)
-        return self.step_linear_multistep(model_output, as_index(t), x)
+            return self.step_runge_kutta(model_output, t, x)
+        return self.step_linear_multistep(model_output, t, x)
 
     def step_runge_kutta(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         """Call k (0..3) of a four-call Runge-Kutta step from timestep s to s - δ.
@@ -490,7 +525,7 @@ class EulerDiscreteScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The n (float) timesteps and their n + 1 sigmas, the last one final."""
-        self.check_num_inference_steps(num_inference_steps)
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
                                      self.config.num_train_timesteps, self.config.steps_offset).astype(np.float32)
@@ -562,7 +597,7 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """n timesteps out of n + 1 spaced points (the last, t = 0, is replaced by the final σ)."""
-        self.check_num_inference_steps(num_inference_steps)
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         T, n, spacing = self.config.num_train_timesteps, num_inference_steps, self.config.timestep_spacing
         if spacing == "linspace":

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_tensor
+
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -502,7 +504,7 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         t = self.check_inputs(x, t, context)  # (B,)
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
@@ -521,6 +523,16 @@ class UNet(nn.Module):
     def check_inputs(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         """Refuse inputs the U-Net cannot use, saying what to pass instead; returns t as a (B,) tensor."""
         config = self.config
+        if context is None:
+            raise TypeError(
+                f"unet(x, t, context) needs context, the text encoder's token features (B, 77, "
+                f"{config.cross_attention_dim}); for an unconditional prediction pass the empty prompt's "
+                "features, text_encoder(tokenizer([''] * B))."
+            )
+        check_tensor(x, "x", finite=False)  # types only: a finiteness check would sync the GPU at every call
+        check_tensor(context, "context", finite=False)
+        if isinstance(t, str):
+            raise TypeError(f"t={t!r} is a string; pass the timestep as a number or a tensor, e.g. t=int({t!r}).")
         if x.ndim != 4 or x.shape[1] != config.in_channels:
             raise ValueError(
                 f"x has shape {tuple(x.shape)}, but this U-Net takes latents (B, {config.in_channels}, H, W) "

@@ -84,3 +84,10 @@ def test_bad_inputs_name_the_value():
         diffusion.make_betas("cubic")
     with pytest.raises(ValueError, match="'x0'"):
         diffusion.diffusion_loss(lambda x, t: x, torch.zeros(2, 2), alphas_cumprod, prediction_type="x0")
+
+
+@pytest.mark.parametrize("schedule, start, end", [("linear", 0.0001, 1.0), ("linear", -0.001, 0.02),
+                                                  ("scaled_linear", 0.00085, 1.2)])
+def test_make_betas_refuses_betas_outside_zero_one(schedule, start, end):
+    with pytest.raises(ValueError, match=rf"beta_start={start} to beta_end={end} gives betas"):
+        diffusion.make_betas(schedule, 1000, start, end)

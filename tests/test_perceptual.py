@@ -79,13 +79,42 @@ def test_load_lpips_reads_a_local_vgg_file(tmp_path, model):
         assert torch.equal(loaded(x, y), model(x, y))
 
 
-def test_load_lpips_offline_says_how_to_get_the_weights(monkeypatch):
+def test_load_lpips_offline_says_how_to_get_the_weights(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty torch hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(OSError, match="vgg_weights="):
         load_lpips()
+
+
+def test_load_lpips_reads_the_torch_hub_cache_and_names_a_damaged_file(monkeypatch, tmp_path, model):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *args, **kwargs: pytest.fail("downloaded"))
+    cached = tmp_path / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir()
+    torch.save(random_vgg_state_dict(), cached)
+    x, y = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(load_lpips()(x, y), model(x, y))
+    cached.write_bytes(cached.read_bytes()[:1000])  # an interrupted download
+    with pytest.raises(ValueError, match=rf"{cached} is not a PyTorch checkpoint.*download it again"):
+        load_lpips()
+
+
+def test_a_pickled_payload_in_place_of_vgg_never_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    path = tmp_path / "vgg16.pth"
+    torch.save({**random_vgg_state_dict(), "payload": Payload()}, path)
+    with pytest.raises(ValueError, match=r"torch.load\(weights_only=True\) refuses"):
+        load_lpips(vgg_weights=path)
+    assert not marker.exists()
 
 
 def test_a_checkpoint_of_another_network_is_refused(tmp_path):

@@ -224,3 +224,60 @@ def test_the_empty_prompt_is_a_prompt_like_any_other(pipelines):
     guided_empty = pipelines[1]("", num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
                                 generator=torch.Generator().manual_seed(0), output_type="np", progress=False).images
     assert np.abs(guided_empty - mine[:1]).max() < 1e-5  # guiding "" against "" changes nothing
+
+
+# --- bad input that used to give NaN images or raw errors (issue 15) -------------------------
+
+BAD_CALLS = {  # argument -> (value, error type, what the message must say)
+    "eta=-1": (dict(eta=-1.0), ValueError, r"eta=-1.0 must lie in \[0, 1\]"),
+    "eta=2": (dict(eta=2.0), ValueError, r"eta=2.0 must lie in \[0, 1\]"),
+    "guidance nan": (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan is not a finite number"),
+    "guidance inf": (dict(guidance_scale=float("inf")), ValueError, "guidance_scale=inf is not a finite number"),
+    "guidance str": (dict(guidance_scale="7.5"), TypeError, "guidance_scale='7.5' is a string.*guidance_scale=7.5"),
+    "steps 2.5": (dict(num_inference_steps=2.5), TypeError, "num_inference_steps=2.5 is not an int"),
+    "steps str": (dict(num_inference_steps="10"), TypeError, "num_inference_steps='10' is a string"),
+    "height str": (dict(height="64"), TypeError, "height='64' is a string.*height=64"),
+    "images 0": (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt=0 must be at least 1"),
+    "seed for generator": (dict(generator=42), TypeError,
+                           r"generator=42 \(int\) is not a torch.Generator.*torch.Generator\(\).manual_seed\(42\)"),
+    "seeds for generators": (dict(generator=[torch.Generator(), 3]), TypeError, r"generator=3 \(int\)"),
+    "numpy latents": (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), TypeError,
+                      r"latents is a NumPy array of shape \(1, 4, 8, 8\).*torch.from_numpy"),
+    "nan latents": (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), ValueError,
+                    "latents holds 256 NaN or infinite values out of 256"),
+    "callback not callable": (dict(callback="print"), TypeError, "callback='print' is not callable"),
+}
+
+
+@pytest.mark.parametrize("label", BAD_CALLS)
+def test_bad_arguments_are_refused_before_any_work(pipelines, label):
+    _, ours = pipelines
+    options, error, message = BAD_CALLS[label]
+    calls = []
+    hook = ours.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(error, match=message):
+            ours("x", **{**dict(num_inference_steps=2, height=64, width=64, progress=False), **options})
+    finally:
+        hook.remove()
+    assert calls == [], "the U-Net ran before the bad argument was refused"
+
+
+def test_numpy_integers_are_accepted_and_give_the_same_images(pipelines):
+    _, ours = pipelines
+    plain = ours(PROMPTS, num_inference_steps=2, height=32, width=40, num_images_per_prompt=1, output_type="np",
+                 generator=torch.Generator().manual_seed(0), progress=False).images
+    numpy = ours(PROMPTS, num_inference_steps=np.int64(2), height=np.int32(32), width=np.int64(40),
+                 num_images_per_prompt=np.int64(1), guidance_scale=np.float32(7.5), output_type="np",
+                 generator=torch.Generator().manual_seed(0), progress=False).images
+    assert np.array_equal(plain, numpy)
+
+
+def test_moving_to_a_missing_gpu_says_so(pipelines, monkeypatch):
+    _, ours = pipelines
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(RuntimeError, match=r"device='cuda' was asked for, but torch sees no CUDA GPU.*device='cpu'"):
+        ours.to("cuda")
+    with pytest.raises(ValueError, match="device='gpu' is not a device torch knows"):
+        ours.to("gpu")
+    assert ours.device.type == "cpu"

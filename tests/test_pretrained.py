@@ -235,3 +235,58 @@ def test_a_model_index_naming_an_unknown_scheduler_is_refused(folder_copy):
     (folder_copy / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "LCMScheduler"]}))
     with pytest.raises(FileNotFoundError, match="its scheduler is a LCMScheduler; ldm_teach builds only DDPMScheduler"):
         pretrained.load_pipeline(folder_copy)
+
+
+# --- damaged folders and files name the file and the fix (issue 15) --------------------------
+
+
+def test_a_truncated_or_empty_weights_file_names_the_file(folder_copy):
+    weights = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file.*download it again"):
+        pretrained.load_pipeline(folder_copy)
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{weights} is empty \(0 bytes\).*download it again"):
+        pretrained.load_pipeline(folder_copy)
+
+
+@pytest.mark.parametrize("name", ["unet/config.json", "vae/config.json", "text_encoder/config.json",
+                                  "scheduler/scheduler_config.json", "model_index.json"])
+def test_a_config_that_is_not_json_names_the_file(folder_copy, name):
+    path = folder_copy / name
+    path.write_text(path.read_text()[:25])  # an interrupted download
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON.*damaged or incomplete"):
+        pretrained.load_pipeline(folder_copy)
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensors(folder_copy):
+    path = folder_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors["decoder.conv_out.bias"][0] = float("nan")
+    tensors["encoder.conv_in.weight"][0, 0, 0, 0] = float("inf")
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"VAE in .* NaN or infinite values in 2 tensors:\n  decoder.conv_out.bias\n"
+                                         r"  encoder.conv_in.weight\n.*download or export it again"):
+        pretrained.load_pipeline(folder_copy)
+
+
+@pytest.mark.parametrize("loader", ["load_pipeline", "load_unet", "load_vae", "load_text_encoder"])
+def test_asking_for_a_missing_gpu_is_said_before_loading(tiny_diffusers_pipeline, loader, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    _, folder = tiny_diffusers_pipeline
+    with pytest.raises(RuntimeError, match=r"device='cuda' was asked for, but torch sees no CUDA GPU.*device='cpu'"):
+        getattr(pretrained, loader)(folder, device="cuda")
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda path: path.write_bytes(b""), r"is empty \(0 bytes\)"),
+    (lambda path: torch.save(torch.zeros(3), path), r"holds a Tensor, not a state dict"),
+    (lambda path: torch.save([torch.zeros(3)], path), r"holds a list, not a state dict"),
+    (lambda path: path.write_bytes(bytes(range(256)) * 8), r"is not a PyTorch checkpoint"),
+])
+def test_load_single_file_names_a_file_that_is_no_checkpoint(tmp_path, content, message):
+    path = tmp_path / "model.ckpt"
+    content(path)
+    with pytest.raises(ValueError, match=rf"{path} {message}"):
+        pretrained.load_single_file(path)

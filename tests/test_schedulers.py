@@ -246,3 +246,85 @@ def test_step_refuses_a_timestep_not_in_the_schedule():
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="t=500"):
         scheduler.step(x, 500, x)
+
+
+# --- bad input: errors that name the value (issue 15) --------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("t", [5, -1, 2000])
+def test_every_step_refuses_timesteps_outside_the_schedule(name, t):
+    scheduler = schedulers.SCHEDULERS[name](**SD15)
+    scheduler.set_timesteps(10)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=rf"t={t}\b"):
+        scheduler.step(x, t, x)
+
+
+@pytest.mark.parametrize("eta", [-0.5, 1.5, float("nan")])
+def test_ddim_refuses_eta_outside_zero_one(eta):
+    scheduler = schedulers.DDIMScheduler(**SD15)
+    scheduler.set_timesteps(10)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=f"eta={eta}"):
+        scheduler.step(x, scheduler.timesteps[0], x, eta=eta)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("steps, error, message", [
+    (2.5, TypeError, r"num_inference_steps=2.5 is not an int.*num_inference_steps=2 or num_inference_steps=3"),
+    ("10", TypeError, r"num_inference_steps='10' is a string.*num_inference_steps=10"),
+    (10.0, TypeError, r"num_inference_steps=10.0 is not an int; pass num_inference_steps=10"),
+    (True, TypeError, r"num_inference_steps=True is not an int"),
+])
+def test_set_timesteps_refuses_non_integers(name, steps, error, message):
+    with pytest.raises(error, match=message):
+        schedulers.SCHEDULERS[name]().set_timesteps(steps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_integers_work_wherever_ints_do(name):
+    import numpy as np
+
+    ours = schedulers.SCHEDULERS[name](**{**SD15, "num_train_timesteps": np.int64(1000), "steps_offset": np.int32(1)})
+    plain = schedulers.SCHEDULERS[name](**SD15)
+    ours.set_timesteps(np.int64(10))
+    plain.set_timesteps(10)
+    assert torch.equal(ours.timesteps, plain.timesteps)
+    assert type(ours.config.num_train_timesteps) is int and type(ours.num_inference_steps) is int
+    x = torch.linspace(-1, 1, 512).reshape(SHAPE)
+    t = ours.timesteps[0]
+    index = np.int64(t) if t.dtype == torch.int64 else t  # Euler's timesteps are floats
+    assert torch.equal(ours.step(x, index, x, generator=torch.Generator().manual_seed(0)),
+                       plain.step(x, t, x, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(beta_end=1.5), r"beta_end=1.5 gives betas from 0.0001 to 1.5; every beta must lie strictly between 0 and 1"),
+    (dict(beta_start=-0.1), r"beta_start=-0.1 .* gives betas from -0.1"),
+    (dict(beta_start=0.0), r"beta_start=0.0 .* gives betas from 0 "),
+    (dict(beta_schedule="scaled_linear", beta_end=2.0), r"'scaled_linear' schedule .* beta_end=2.0"),
+    (dict(beta_schedule="scaled_linear", beta_start=-0.01), r"beta_start=-0.01 and beta_end=0.02 must be positive"),
+    (dict(trained_betas=[0.01] * 10), r"trained_betas has 10 values, but num_train_timesteps=1000"),
+    (dict(trained_betas=[1.5] * 1000), r"trained_betas gives betas from 1.5 to 1.5"),
+    (dict(trained_betas=[float("nan")] * 1000), r"trained_betas gives betas from nan"),
+])
+@pytest.mark.parametrize("name", NAMES)
+def test_betas_outside_zero_one_are_refused(name, config, message):
+    with pytest.raises(ValueError, match=message):
+        schedulers.SCHEDULERS[name](**config)
+
+
+@pytest.mark.parametrize("key, value", [("num_train_timesteps", "1000"), ("beta_start", "0.00085"),
+                                        ("steps_offset", "1"), ("num_train_timesteps", 1000.5)])
+def test_numbers_given_as_strings_are_refused(key, value):
+    with pytest.raises(TypeError, match=f"{key}={value!r}"):
+        schedulers.DDIMScheduler(**{key: value})
+
+
+def test_a_timestep_given_as_a_string_is_refused():
+    scheduler = schedulers.DDIMScheduler()
+    scheduler.set_timesteps(10)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(TypeError, match="t='900' is a string"):
+        scheduler.step(x, "900", x)

@@ -1,4 +1,5 @@
 """ldm_teach.unet against diffusers' UNet2DConditionModel on identical weights; loaders, attention capture, errors."""
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -179,6 +180,19 @@ def test_bad_inputs_raise_clear_errors(tiny_unet, shape, context_shape, t, messa
 def test_inputs_in_another_dtype_raise(tiny_unet):
     with pytest.raises(ValueError, match=r"torch.float16.*torch.float32.*\.to\(device, dtype\)"):
         tiny_unet(torch.randn(1, 4, 8, 8, dtype=torch.float16), 1, torch.randn(1, 77, 64, dtype=torch.float16))
+
+
+def test_inputs_of_the_wrong_kind_raise_type_errors_naming_them(tiny_unet):
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    with pytest.raises(TypeError, match=r"unet\(x, t, context\) needs context.*\(B, 77, 64\).*tokenizer\(\[''\]"):
+        tiny_unet(x, 10)
+    with pytest.raises(TypeError, match=r"t='10' is a string"):
+        tiny_unet(x, "10", context)
+    with pytest.raises(TypeError, match=r"x is a NumPy array of shape \(1, 4, 8, 8\).*torch.from_numpy"):
+        tiny_unet(x.numpy(), 10, context)
+    with pytest.raises(TypeError, match=r"context is a NumPy array"):
+        tiny_unet(x, 10, context.numpy())
+    assert torch.equal(tiny_unet(x, np.int64(10), context), tiny_unet(x, 10, context))  # NumPy ints are ints
 
 
 @pytest.mark.parametrize(
