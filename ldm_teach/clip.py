@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_tensor
+
 BUNDLED_VOCABULARY = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -403,6 +405,7 @@ class TextEncoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        check_tensor(input_ids, "input_ids", finite=False)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be a (B, L) integer tensor from the tokenizer, got {input_ids.dtype} of shape "

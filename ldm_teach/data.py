@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import as_int
+
 # Saturated colors, far apart in RGB, so a color can be read back from pixels.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -92,6 +94,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int = 1000, image_size: int = 32, seed: int = 0,
                  colors=tuple(COLORS), shapes=SHAPES, exclude: tuple[tuple[str, str], ...] = ()):
+        num_samples = as_int(num_samples, "num_samples", minimum=0)
+        image_size = as_int(image_size, "image_size")
         if image_size < 8:
             raise ValueError(f"image_size={image_size} is too small to draw a shape; use 8 or more (32 is the default).")
         allowed = [(c, s) for c in colors for s in shapes if (c, s) not in set(exclude)]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import as_float, as_int
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -42,8 +44,8 @@ def make_betas(
     * ``scaled_linear``: evenly spaced in √β, then squared (Stable Diffusion: 0.00085 to 0.012).
     * ``squaredcos_cap_v2``: the cosine schedule, each β capped at 0.999.
     """
-    if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}.")
+    num_train_timesteps = as_int(num_train_timesteps, "num_train_timesteps", minimum=1)
+    beta_start, beta_end = as_float(beta_start, "beta_start"), as_float(beta_end, "beta_end")
     if beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     elif beta_schedule == "scaled_linear":

@@ -42,6 +42,11 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
     safetensors under ``subfolder``), so a whole repository's other formats never arrive.
     """
     local = Path(path_or_repo_id)
+    if local.is_file():
+        raise FileNotFoundError(
+            f"{local} is a file; pass the folder that holds it (a diffusers-format folder with model_index.json or "
+            "config.json). For a single .safetensors or .ckpt checkpoint use pretrained.load_single_file."
+        )
     if local.exists():
         folder = local / subfolder if subfolder else local
         if not folder.is_dir():

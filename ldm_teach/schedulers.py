@@ -207,6 +207,13 @@ class Scheduler:
             raise ValueError(f"t={t} is not one of this scheduler's timesteps; pass values from scheduler.timesteps.")
         return matches[0].item()
 
+    @staticmethod
+    def check_step_inputs(model_output: torch.Tensor, x: torch.Tensor) -> None:
+        """The model's output and the sample must have one shape (broadcasting would silently mix the batch)."""
+        if model_output.shape != x.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but the sample x has shape "
+                             f"{tuple(x.shape)}; pass the model's prediction for this very x.")
+
     def check_ready(self) -> None:
         if self.timesteps is None:
             raise RuntimeError(
@@ -260,6 +267,7 @@ class DDPMScheduler(Scheduler):
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One ancestral step x_t -> x_{t'}; noise is drawn from ``generator`` unless t is 0."""
+        self.check_step_inputs(model_output, x)
         self.check_ready()
         t = as_index(t)
         prev_t = self.previous_timestep(t)
@@ -326,6 +334,7 @@ class DDIMScheduler(Scheduler):
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """One DDIM step x_t -> x_{t'}; with eta > 0 (at most 1, DDPM's variance), noise is drawn from ``generator``."""
+        self.check_step_inputs(model_output, x)
         t = self.check_timestep(t)
         eta = as_float(eta, "eta")
         if not 0 <= eta <= 1:
@@ -433,6 +442,7 @@ class PNDMScheduler(Scheduler):
 
         ``generator`` is accepted for a uniform interface; PNDM adds no noise.
         """
+        self.check_step_inputs(model_output, x)
         t = self.check_timestep(t)
         if not self.config.skip_prk_steps and self.counter < 12:
             return self.step_runge_kutta(model_output, t, x)
@@ -543,6 +553,7 @@ class EulerDiscreteScheduler(Scheduler):
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One Euler step from σ_i to σ_{i+1} (deterministic; ``generator`` is unused)."""
+        self.check_step_inputs(model_output, x)
         index = self.index_for_timestep(t)
         sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         x = x.to(torch.float32)
@@ -622,6 +633,7 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One DPM-Solver++ step from timestep t to the next (deterministic; ``generator`` is unused)."""
+        self.check_step_inputs(model_output, x)
         index = self.index_for_timestep(t)
         n = len(self.timesteps)
         alpha_s, sigma_s = self.alpha_sigma(self.sigmas[index])

@@ -17,6 +17,7 @@ so that its checkpoints load with a few readable renames (``pretrained.unet_key_
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
@@ -68,6 +69,11 @@ class UNetConfig:
                      "num_attention_heads", "transformer_layers_per_block"):
             if isinstance(getattr(self, name), list):  # JSON configs hold lists
                 setattr(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.block_out_channels, tuple) or not all(
+                isinstance(c, numbers.Integral) and c > 0 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels={self.block_out_channels!r} must be a tuple of positive ints, one "
+                             "width per level, e.g. (320, 640, 1280, 1280).")
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         levels = len(self.block_out_channels)
         for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
             types = getattr(self, name)

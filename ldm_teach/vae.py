@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_tensor
+
 # --- configuration -------------------------------------------------------------------------
 
 
@@ -372,6 +374,9 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, in_channels, H, W) images in [-1, 1], H and W multiples of f -> the posterior over (B, 4, H/f, W/f)."""
         self._check_input(x, "x", self.config.in_channels, "images in [-1, 1]")
+        if x.numel() and x.abs().max() > 1.5:
+            warnings.warn(f"x spans {x.min().item():.4g} to {x.max().item():.4g}, but the VAE takes images in [-1, 1]; "
+                          "map 8-bit pixels with x / 127.5 - 1 (or [0, 1] images with 2 * x - 1).", stacklevel=2)
         f = self.config.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             H, W = x.shape[-2:]
@@ -412,7 +417,8 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
     def _check_input(self, tensor: torch.Tensor, name: str, channels: int, what: str):
-        """A clear ValueError, naming the fix, for a tensor ``encode`` or ``decode`` cannot take."""
+        """A clear error, naming the fix, for a tensor ``encode`` or ``decode`` cannot take."""
+        check_tensor(tensor, name, finite=False)
         if tensor.ndim != 4 or tensor.shape[1] != channels:
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)}, but this VAE takes {what} of shape "

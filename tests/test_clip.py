@@ -352,3 +352,11 @@ def test_tiny_clip_learns_to_pair_a_batch(tok):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert (model(ids, images).argmax(dim=1) == torch.arange(4)).all()
+
+
+def test_numpy_token_ids_are_named():
+    import numpy as np
+
+    encoder = TextEncoder(TextEncoderConfig.tiny())
+    with pytest.raises(TypeError, match=r"input_ids is a NumPy array of shape \(1, 77\).*torch.from_numpy"):
+        encoder(np.zeros((1, 77), np.int64))

@@ -48,3 +48,20 @@ def test_bad_values_are_named():
 def test_photo_is_available_offline():
     photo = data.load_photo("grace_hopper", size=64)
     assert photo.shape == (3, 64, 64) and -1 <= photo.min() < photo.max() <= 1
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(num_samples=-1), ValueError, "num_samples=-1 must be at least 0"),
+    (dict(num_samples="10"), TypeError, "num_samples='10' is a string"),
+    (dict(num_samples=2.5), TypeError, "num_samples=2.5 is not an int"),
+    (dict(image_size="32"), TypeError, "image_size='32' is a string"),
+])
+def test_bad_dataset_sizes_name_the_value(options, error, message):
+    with pytest.raises(error, match=message):
+        data.ShapesDataset(**options)
+
+
+def test_numpy_integers_size_a_dataset():
+    import numpy as np
+
+    assert data.ShapesDataset(np.int64(5), image_size=np.int32(32)).captions() == data.ShapesDataset(5).captions()

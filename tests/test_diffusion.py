@@ -91,3 +91,11 @@ def test_bad_inputs_name_the_value():
 def test_make_betas_refuses_betas_outside_zero_one(schedule, start, end):
     with pytest.raises(ValueError, match=rf"beta_start={start} to beta_end={end} gives betas"):
         diffusion.make_betas(schedule, 1000, start, end)
+
+
+@pytest.mark.parametrize("T, error, message", [(2.5, TypeError, "num_train_timesteps=2.5 is not an int"),
+                                               ("10", TypeError, "num_train_timesteps='10' is a string"),
+                                               (0, ValueError, "num_train_timesteps=0 must be at least 1")])
+def test_make_betas_names_a_bad_number_of_timesteps(T, error, message):
+    with pytest.raises(error, match=message):
+        diffusion.make_betas("linear", T)

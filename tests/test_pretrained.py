@@ -290,3 +290,8 @@ def test_load_single_file_names_a_file_that_is_no_checkpoint(tmp_path, content, 
     content(path)
     with pytest.raises(ValueError, match=rf"{path} {message}"):
         pretrained.load_single_file(path)
+
+
+def test_a_file_given_for_a_folder_points_to_load_single_file(single_file):
+    with pytest.raises(FileNotFoundError, match=rf"{single_file} is a file; pass the folder.*load_single_file"):
+        pretrained.load_pipeline(single_file)

@@ -328,3 +328,11 @@ def test_a_timestep_given_as_a_string_is_refused():
     x = torch.zeros(SHAPE)
     with pytest.raises(TypeError, match="t='900' is a string"):
         scheduler.step(x, "900", x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_output_of_another_shape_is_refused(name):
+    scheduler = schedulers.SCHEDULERS[name](**SD15)
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"model_output has shape \(1, 4, 8, 8\) but the sample x has shape \(2, 4, 8, 8\)"):
+        scheduler.step(torch.zeros(1, 4, 8, 8), scheduler.timesteps[0], torch.zeros(2, 4, 8, 8))

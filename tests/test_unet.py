@@ -210,3 +210,9 @@ def test_unsupported_diffusers_configs_are_refused(change, message):
         config = {**dict(UNet2DConditionModel(**TINY_CONFIGS["sd1-style"]).config), **change}
     with pytest.raises(ValueError, match=message):
         UNetConfig.from_diffusers_config(config)
+
+
+def test_block_widths_must_be_ints():
+    with pytest.raises(ValueError, match=r"block_out_channels='32,64' must be a tuple of positive ints"):
+        UNetConfig.tiny(block_out_channels="32,64")
+    assert UNetConfig.tiny(block_out_channels=[np.int64(32), np.int64(64)]).block_out_channels == (32, 64)

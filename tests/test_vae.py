@@ -307,3 +307,18 @@ def test_config_conversion_details():
     assert config.layers_per_block == 1  # a missing key takes diffusers' default
     with pytest.raises(ValueError, match="norm_num_groups=32"):
         VAEConfig(block_out_channels=(48, 64))
+
+
+def test_numpy_inputs_and_8_bit_ranges_are_named():
+    import numpy as np
+
+    model = AutoencoderKL(VAEConfig.tiny(4)).eval()
+    with pytest.raises(TypeError, match=r"x is a NumPy array of shape \(1, 3, 16, 16\).*torch.from_numpy"):
+        model.encode(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(TypeError, match=r"z is a NumPy array of shape \(1, 4, 4, 4\)"):
+        model.decode(np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.warns(UserWarning, match=r"x spans 0 to 255, but the VAE takes images in \[-1, 1\].*x / 127.5 - 1"):
+        model.encode(torch.linspace(0, 255, 768).reshape(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # images in [-1, 1] pass without a warning
+        model.encode(torch.linspace(-1, 1, 768).reshape(1, 3, 16, 16))
