@@ -220,3 +220,11 @@ def test_unsupported_diffusers_options_are_refused():
         ControlNetConfig.from_diffusers_config(config)
     with pytest.raises(ValueError, match="controlnet_conditioning_channel_order='rbg' must be 'rgb' or 'bgr'"):
         ControlNetConfig(controlnet_conditioning_channel_order="rbg")
+
+
+def test_the_contract_names():
+    from ldm_teach import pipeline, pretrained_editing
+
+    assert pipeline.StableDiffusionControlNet is StableDiffusionControlNet
+    assert pretrained.load_controlnet is pretrained_editing.load_controlnet
+    assert pretrained.controlnet_from_diffusers is pretrained_editing.controlnet_from_diffusers

@@ -249,3 +249,12 @@ def test_u_nets_of_the_wrong_width_are_refused(references):
     unet5 = type(ours.unet)(type(ours.unet.config)(**{**vars(ours.unet.config), "in_channels": 5}))
     with pytest.raises(ValueError, match=r"the U-Net takes 5 input channels; inpainting needs .* \(4\) or .* \(9"):
         StableDiffusionInpaint(**{**ours.components, "unet": unet5})
+
+
+def test_the_contract_names():
+    from ldm_teach import pipeline
+
+    assert pipeline.StableDiffusionImg2Img is StableDiffusionImg2Img
+    assert pipeline.StableDiffusionInpaint is StableDiffusionInpaint
+    with pytest.raises(AttributeError, match="has no attribute 'StableDiffusionOutpaint'"):
+        pipeline.StableDiffusionOutpaint
