@@ -253,6 +253,9 @@ def scheduler_from_config(config: dict) -> Scheduler:
     we do not implement are refused unless they are switched off.
     """
     class_name = config.get("_class_name")
+    if class_name is None:
+        raise ValueError(f"the scheduler config has no '_class_name' (its keys: {sorted(config)}); a diffusers "
+                         "scheduler_config.json names its class, e.g. {'_class_name': 'PNDMScheduler', ...}.")
     if class_name not in SCHEDULERS:
         raise ValueError(
             f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(SCHEDULERS)}. "
