@@ -376,13 +376,14 @@ def compare_records(saved, current, prefix: str = "") -> dict[str, tuple]:
     return differences
 
 
-def describe_differences(differences: dict[str, tuple], limit: int = 8) -> str:
+def describe_differences(differences: dict[str, tuple], sides: tuple[str, str] = ("saved", "now"),
+                         limit: int = 8) -> str:
     """``compare_records``'s result in words: "budget.steps (saved 3, now 4); seed (saved 0, now 1)"."""
     def short(value):
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
 
-    described = [f"{field} (saved {short(saved)}, now {short(current)})"
+    described = [f"{field} ({sides[0]} {short(saved)}, {sides[1]} {short(current)})"
                  for field, (saved, current) in list(differences.items())[:limit]]
     more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
     return "; ".join(described) + more
@@ -604,23 +605,19 @@ class LatentDiffusionTrainer:
         return {"state": state, "param_groups": groups}
 
     def checked_progress(self, metadata: dict[str, str], tensors: dict[str, torch.Tensor], path) -> int:
-        """The saved step, checked against this run's length, the record (one loss and one time per
-        step) and the generator's state (the size this generator's state has)."""
-        if "step" not in metadata:
-            raise ValueError(f"{path}: the checkpoint's 'step' is missing; it was not written by this trainer.")
-        step = metadata["step"]
-        if not step.isdigit() or int(step) > self.config.steps:
-            raise ValueError(f"{path}: step={step} is not a step of this run (0 to {self.config.steps}).")
-        expected = {"losses": (int(step),), "seconds": (int(step),),
-                    "generator_state": tuple(self.generator.get_state().shape)}
+        """The saved step, checked against this run's length, with one loss and one time per step and
+        a generator state of this generator's size."""
+        step = self.checkpoint_field(metadata, "step", path)
+        if not isinstance(step, int) or not 0 <= step <= self.config.steps:
+            raise ValueError(f"{path}: step={step!r} is not a step of this run (0 to {self.config.steps}).")
+        expected = {"losses": (step,), "seconds": (step,), "generator_state": tuple(self.generator.get_state().shape)}
         for name, shape in expected.items():
             if name not in tensors:
                 raise ValueError(f"{path}: {name} is missing from the checkpoint.")
             if tuple(tensors[name].shape) != shape:
-                values = f"has {tensors[name].numel()} values" if name != "generator_state" else \
-                    f"has shape {tuple(tensors[name].shape)}"
-                raise ValueError(f"{path}: {name} {values}, but a checkpoint at step {step} needs shape {shape}.")
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, but a checkpoint at step "
+                                 f"{step} needs {shape}.")
         if tensors["generator_state"].dtype != torch.uint8:
             raise ValueError(f"{path}: generator_state is {tensors['generator_state'].dtype}, not a generator's "
                              "state (torch.uint8).")
-        return int(step)
+        return step
