@@ -2,7 +2,9 @@
 
 Chapter 01 trains the toy denoiser here, chapter 02 the VAE, chapter 03 CLIP, and chapter 05 the
 latent diffusion model: caption dropout, the EMA of the weights, the frozen encoders' outputs
-computed once, and ``LatentDiffusionTrainer`` with checkpoints that resume a run exactly.
+computed once, and ``LatentDiffusionTrainer`` with checkpoints that resume a run exactly. A
+checkpoint is written whole or not at all, and one of another run, or a damaged one, is refused
+before it changes anything.
 """
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def load_entry(name: str, profile: str, settings: dict,
     state_dict, manifest = entry
     try:
         model = load_state_dict_strict(build(manifest["config"]), state_dict, f"cached {name}")
-    except (TypeError, ValueError, KeyError) as error:
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise CacheError(f"the cached {name} does not fit the model this version builds: {error}") from error
     return model.eval(), manifest
 

@@ -120,6 +120,12 @@ def test_an_interrupted_unet_training_resumes_the_same_run(tiny_zoo, monkeypatch
     with pytest.warns(UserWarning, match="checkpoint .* is not usable"):
         restarted = weights(zoo.tiny_unet("quick", device="cpu", progress=False))
     assert same(straight, restarted)
+    for finished in ("manifest.json", "model.safetensors"):
+        (tmp_path / "second_cache" / "unet-quick" / finished).unlink()
+    (checkpoint / "inside").mkdir(parents=True)  # a folder where the checkpoint belongs: removed, the run afresh
+    with pytest.warns(UserWarning, match="checkpoint .* is not usable"):
+        assert same(straight, weights(zoo.tiny_unet("quick", device="cpu", progress=False)))
+    assert not checkpoint.exists()
 
 
 def test_tiny_text_to_image_is_a_pipeline(tiny_zoo):
