@@ -598,7 +598,8 @@ class LatentDiffusionTrainer:
                                  f"optimizer.{len(parameters) - 1}).")
             shape = () if name == "step" else parameters[int(index)].shape
             if value.shape != shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, but its parameter needs {tuple(shape)}.")
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, but its parameter needs "
+                                 f"{tuple(shape)}.")
             state.setdefault(int(index), {})[name] = value
         incomplete = sorted(index for index, entry in state.items() if len(entry) != len(self.ADAMW_STATE))
         if incomplete:

@@ -394,7 +394,8 @@ def save_tiny_unet(trainer: train.LatentDiffusionTrainer, vae: AutoencoderKL, te
         raise ValueError(f"this trainer ran {trainer.step} of {trainer.config.steps} steps"
                          + (f", not the zoo's run for these models in the {profile} profile: "
                             f"{train.describe_differences(differences)}" if differences else "")
-                         + "; cache only a finished train_tiny_unet run with the VAE and text encoder it was trained with.")
+                         + "; cache only a finished train_tiny_unet run, with the VAE and text encoder it "
+                           "was trained with.")
     return write_entry("unet", profile, trainer.ema.state_dict(), settings, asdict(trainer.ema.config),
                        {**training_record(trainer), "seconds": trainer.seconds[-1]})
 
