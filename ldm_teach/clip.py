@@ -416,7 +416,7 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"{L} tokens is more than the {self.config.max_position_embeddings} positions this encoder has."
             )
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+        if input_ids.numel() and not input_ids.is_meta and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); is the tokenizer's vocabulary this model's?"
             )
