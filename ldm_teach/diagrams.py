@@ -123,9 +123,10 @@ def text_to_image(unet_config: UNetConfig | None = None, vae_config: VAEConfig |
 # --- the forward and reverse chains (chapter 01) ---------------------------------------------
 
 
-def diffusion_chain(images: list[torch.Tensor], timesteps: list[int]):
+def diffusion_chain(images: list[torch.Tensor], timesteps: list[int | str]):
     """A row of x_t images with the forward q arrows above and the learned reverse p_θ arrows below
-    (the DDPM paper's Figure 2, on the book's own noised photo). Images (3, H, W) in [-1, 1]."""
+    (the DDPM paper's Figure 2, on the book's own noised photo). Images (3, H, W) in [-1, 1];
+    ``timesteps`` label them, in the maths' numbering (x_0 clean, x_T = x_1000 noise)."""
     from .viz import to_numpy_image
 
     n = len(images)
@@ -150,13 +151,13 @@ def diffusion_chain(images: list[torch.Tensor], timesteps: list[int]):
 # --- CLIP's two towers (chapter 03) ----------------------------------------------------------
 
 
-def clip_towers(captions: list[str], similarities: torch.Tensor | None = None, width: int = 64):
+def clip_towers(captions: list[str], similarities: torch.Tensor | None = None):
     """Captions through the text tower, images through the image tower, and the N x N table of
     their cosine similarities, the matching pairs on the diagonal (CLIP paper, Figure 1).
     ``similarities`` (N, N) colours the table with a trained model's values."""
     n = len(captions)
-    gx, gy = 4.4, 1.0  # the table's lower-left corner
-    fig, ax = canvas(gx + n + 0.4, gy + n + 1.9, (3.0 + 0.75 * n, 2.2 + 0.75 * n))
+    gx, gy = 4.4, 1.2 + 0.32 * n  # the table's lower-left corner, above the captions' list
+    fig, ax = canvas(gx + n + 0.4, gy + n + 1.9, (3.0 + 0.75 * n, 2.0 + 0.95 * n))
     box(ax, 1.2, gy + n + 1.35, f"{n} images", "data", width=1.8)
     box(ax, gx + n / 2, gy + n + 1.35, "image encoder", "model", width=2.4)
     arrow(ax, (2.1, gy + n + 1.35), (gx + n / 2 - 1.2, gy + n + 1.35))
@@ -175,8 +176,10 @@ def clip_towers(captions: list[str], similarities: torch.Tensor | None = None, w
             label = f"{value:.2f}" if value is not None else f"$I_{j + 1}\\!\\cdot\\!T_{i + 1}$"
             ax.text(gx + j + 0.5, gy + n - 0.5 - i, label, ha="center", va="center", fontsize=7.5,
                     color="white" if value is not None and value < 0.2 else "black")
-    ax.text(gx + n / 2, gy - 0.15, f"each $I$ and $T$ a unit vector of {width}; the diagonal holds the\n"
-            "matching pairs: cross-entropy along every row and column", ha="center", va="top", fontsize=8)
+    ax.text(gx + n / 2, gy - 0.12, "$I$, $T$: unit vectors; the diagonal holds the matching pairs;\n"
+            "the loss is a cross-entropy along every row and every column", ha="center", va="top", fontsize=8)
+    for i, caption in enumerate(captions):
+        ax.text(0.3, gy - 0.95 - 0.32 * i, f"$T_{i + 1}$: {caption}", fontsize=7.5, color="0.3", va="top")
     return fig
 
 
