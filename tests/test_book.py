@@ -59,3 +59,17 @@ def test_student_edition_cuts_out_solutions_and_keeps_exercises():
     kept = build_book.strip_solutions(example)["cells"]
     assert [c["cell_type"] for c in kept] == ["markdown", "markdown"]
     assert "task" in kept[0]["source"] and "answer" not in json.dumps(kept) and kept[1]["source"] == "next text\n"
+
+
+def test_math_is_served_with_the_book(tmp_path):
+    """MathJax comes from the book's own files (no CDN): the config points into _static, and the files it
+    loads are copied there from the installed wheel."""
+    import build_book
+    import yaml
+
+    mathjax_path = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]["mathjax_path"]
+    assert not mathjax_path.startswith(("http:", "https:", "//")), mathjax_path
+    build_book.vendor_mathjax(tmp_path)
+    assert (tmp_path / "_static" / mathjax_path).is_file()
+    fonts = list((tmp_path / "_static" / "mathjax" / "es5" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert len(fonts) > 10 and (tmp_path / "_static" / "mathjax" / "LICENSE").is_file()
