@@ -5,7 +5,8 @@ Chapter 03 builds this file top to bottom:
 1. the **tokenizer** (section 03.2): clean the text, split it into words, spell each word in
    byte-level characters, merge character pairs by rank (byte-pair encoding), add the start and
    end tokens and pad to 77 ids. It reproduces transformers' ``CLIPTokenizer`` id for id, using
-   the vocabulary bundled in ``ldm_teach/assets``;
+   the vocabulary bundled in ``ldm_teach/assets`` (transformers 4's ``CLIPTokenizerFast`` too, except
+   that it reads a special token written in capitals, ``<|ENDOFTEXT|>``, as the special token);
 2. the **text encoder** (chapter 03): token plus position embeddings, a stack of pre-LayerNorm
    transformer blocks with a causal mask, a final LayerNorm. Stable Diffusion feeds the U-Net all
    77 of its output vectors, not a single pooled one (section 03.4);

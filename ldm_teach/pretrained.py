@@ -287,7 +287,8 @@ def scheduler_from_diffusers(scheduler) -> Scheduler:
 
 # transformers' CLIPTextModel nests its weights as text_model.embeddings.*, text_model.encoder.layers.*
 # and text_model.final_layer_norm.*; ours sit one level up (token_embedding, layers.0..., final_layer_norm).
-# Folders written by transformers 5 drop the "text_model." prefix; SD checkpoints keep it.
+# Folders written by transformers 5.6 and later drop the "text_model." prefix; SD checkpoints and older
+# transformers keep it.
 TEXT_ENCODER_PREFIXES = ("text_model.", "embeddings.", "encoder.")
 # Older transformers saved the position ids 0..76 as a buffer; they are recomputed, not weights.
 TEXT_ENCODER_IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
