@@ -63,7 +63,7 @@ def test_reparameterise_mistakes_are_named():
     result = exercises.check_reparameterise(lambda mean, logvar, eps: mean + logvar * eps)
     assert not result and "log-variance used as the standard deviation" in result.message
     result = exercises.check_reparameterise(lambda mean, logvar, eps: (mean + (0.5 * logvar).exp() * eps).detach())
-    assert not result and "no gradient reaches mean and logvar" in result.message
+    assert not result and "no gradient reaches `mean`" in result.message
 
 
 def test_kl_divergence_mistakes_are_named():
@@ -103,9 +103,9 @@ def test_clip_checkers_pass_correct_answers(capsys):
 
 
 def test_bpe_checker_names_the_mistake():
-    result = exercises.check_bpe_merge(exercises._merge_first_only)
+    result = exercises.check_bpe_merge(exercises.clip._merge_first_only)
     assert not result and "every occurrence" in result.message
-    result = exercises.check_bpe_merge(exercises._merge_worst_rank)
+    result = exercises.check_bpe_merge(exercises.clip._merge_worst_rank)
     assert not result and "largest" in result.message
     result = exercises.check_bpe_merge(lambda parts, bpe_ranks: parts)  # never finishes, never merges
     assert not result and "expected" in result.message
@@ -205,7 +205,7 @@ def test_training_checkers_pass_the_package_and_name_the_mistakes(capsys):
     result = exercises.check_training_step(clean_target)
     assert not result and "compared with the clean latents" in result.message
     result = exercises.check_training_step(lambda unet, latents, context, alphas_cumprod, generator: torch.zeros(()))
-    assert not result and "carries no gradient" in result.message
+    assert not result and "the U-Net ran 0 times" in result.message
 
     def zeros_for_dropped(context, empty_context, probability, generator):
         drop = torch.rand(len(context), generator=generator) < probability
