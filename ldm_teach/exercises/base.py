@@ -173,26 +173,30 @@ def compare(name: str, learner: Callable, reference: Callable, cases: list[dict]
         if gradients:
             problem = _compare_gradients(got, expected, learner_inputs, reference_inputs, gradients, number)
             if problem:
-                return verdict(False, f"{name}: the values are right, but {problem} on {where_case}.", name, number, seed)
+                message = f"{name}: the values are right, but {problem} on {where_case}."
+                hint = _hint(got.detach(), case, mistakes, tolerance=1e-6)  # only a mistake this close explains it
+                if hint:
+                    message += f"\n  Hint: {hint}"
+                return verdict(False, message, name, number, seed)
     checked = f", gradients through {', '.join(gradients)}" if gradients else ""
     return verdict(True, f"{name}: correct on {len(cases)} random cases{checked} "
                          f"(tolerance {atol:g} + {rtol:g}·|expected|).", name, None, seed)
 
 
-def _hint(got: torch.Tensor, case: dict, mistakes: dict[str, Callable] | None) -> str | None:
+def _hint(got: torch.Tensor, case: dict, mistakes: dict[str, Callable] | None, tolerance: float = 1e-4) -> str | None:
     """The one hint a wrong result earns: an input returned as it is, or the first common mistake it matches."""
-    unchanged = [key for key, value in case.items()
-                 if isinstance(value, torch.Tensor) and value.shape == got.shape and torch.equal(value, got)]
-    if unchanged:
-        return f"you returned the input `{unchanged[0]}` unchanged; is the function written yet?"
     for mistake, wrong in (mistakes or {}).items():
         try:
             value = wrong(**{key: clone(value) for key, value in case.items()})
         except Exception:  # a mistake that does not apply to this case
             continue
         if isinstance(value, torch.Tensor) and value.shape == got.shape and torch.allclose(
-                got.double(), value.detach().double(), rtol=1e-4, atol=1e-4):
+                got.double(), value.detach().double(), rtol=tolerance, atol=tolerance):
             return f"your result matches a common mistake: {mistake}."
+    unchanged = [key for key, value in case.items()
+                 if isinstance(value, torch.Tensor) and value.shape == got.shape and torch.equal(value, got)]
+    if unchanged:
+        return f"you returned the input `{unchanged[0]}` unchanged; is the function written yet?"
     return None
 
 
@@ -209,7 +213,7 @@ def _compare_gradients(got, expected, learner_inputs, reference_inputs, gradient
         for parameter, wanted in ours.items():
             label = f"`{key}`" + (f" (parameter {parameter})" if parameter else "")
             received = theirs.get(parameter)
-            if wanted is None:
+            if wanted is None or received is None and not wanted.any():  # no gradient is due here
                 continue
             if received is None:
                 return f"no gradient reaches {label}: is it detached, or used under torch.no_grad()?"
