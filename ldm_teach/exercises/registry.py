@@ -29,13 +29,13 @@ def _code(label, chapter, title, minutes, function, checker, points=1):
 
 
 EXERCISES: tuple[Exercise, ...] = (
+    Exercise("ex-latent-size", "00_overview", "Latents for other sizes", "computation", 5),
+    Exercise("ex-where-parameters", "00_overview", "Where the parameters are", "computation", 10),
     _code("ex-latent-shape", "00_overview", "The latent's shape", 5, "latent_shape", "check_latent_shape"),
     _code("ex-attention-bytes", "00_overview", "The attention weights' memory", 10, "attention_bytes",
           "check_attention_bytes"),
     _code("ex-trainable-parameters", "00_overview", "Parameters that train", 10, "trainable_parameters",
           "check_trainable_parameters"),
-    Exercise("ex-latent-size", "00_overview", "Latents for other sizes", "computation", 5),
-    Exercise("ex-where-parameters", "00_overview", "Where the parameters are", "computation", 10),
     _code("ex-q-sample", "01_diffusion", "The closed-form forward process", 10, "q_sample", "check_q_sample"),
     _code("ex-posterior-mean", "01_diffusion", "The posterior mean", 20, "posterior_mean", "check_posterior_mean"),
     _code("ex-ddim-step", "01_diffusion", "One DDIM step", 20, "ddim_step", "check_ddim_step"),
