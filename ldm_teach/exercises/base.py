@@ -162,10 +162,10 @@ def compare(name: str, learner: Callable, reference: Callable, cases: list[dict]
         excess = difference - (atol + rtol * expected.detach().double().abs())
         if (excess > 0).any():
             where = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
-            message = (f"{name}: values differ on {where_case}.\n"
-                       f"  worst |difference| {float(difference[where]):.3g} at index {where}: "
-                       f"got {float(got.detach()[where]):.6g}, expected {float(expected.detach()[where]):.6g} "
-                       f"(tolerance {atol:g} + {rtol:g}·|expected|).")
+            message = (f"{name}: values differ on case {number}: worst |difference| {float(difference[where]):.3g} "
+                       f"at index {where}: got {float(got.detach()[where]):.6g}, "
+                       f"expected {float(expected.detach()[where]):.6g} (tolerance {atol:g} + {rtol:g}·|expected|).\n"
+                       f"  Inputs: {inputs}.")
             hint = _hint(got.detach(), case, mistakes)
             if hint:
                 message += f"\n  Hint: {hint}"
@@ -245,7 +245,7 @@ def compare_values(name: str, learner: Callable, reference: Callable, cases: lis
         if isinstance(expected, tuple) and isinstance(got, (list, torch.Size)):
             got = tuple(got)
         if got != expected:
-            message = f"{name}: on case {number} ({inputs})\n  expected {expected!r}, got {got!r}."
+            message = f"{name}: expected {expected!r}, got {got!r} on case {number} ({inputs})."
             if type(got) is not type(expected) and not (isinstance(got, numbers.Integral) and isinstance(expected, int)):
                 message += f" (a {type(got).__name__} where a {type(expected).__name__} belongs)"
             for mistake, wrong in (mistakes or {}).items():
