@@ -85,3 +85,13 @@ def test_the_answer_is_not_on_the_page_before_the_exercise_nor_in_the_student_ed
         assert not any(call in source for source in sources[:position]), f"{shown} is shown before {exercise.label}"
         assert any(call in source for source in sources[position:]), f"{shown} is not shown after {exercise.label}"
         assert not any(call in source for source in student_code), f"the student edition shows {shown}"
+
+
+def test_the_student_edition_leaves_out_the_instructors_page():
+    import build_book
+    import yaml
+
+    toc = build_book.student_toc(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+    files = [chapter["file"] for part in toc["parts"] for chapter in part["chapters"]]
+    assert "chapters/instructors" in TOC_FILES and "chapters/instructors" not in files
+    assert [f for f in TOC_FILES if f != "chapters/instructors"] == files
