@@ -580,3 +580,8 @@ def test_renamed_parameters_work_and_chapter_00_mistakes_are_named():
     result = exercises.check_trainable_parameters(lambda model: sum(
         p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad))
     assert not result and "tied weight counted twice" in result.message
+
+
+def test_the_generator_is_described_as_the_learner_receives_it():
+    result = exercises.check_caption_dropout(lambda context, empty_context, probability, generator: context * 2)
+    assert not result and "generator: torch.Generator().manual_seed(" in result.message and "seed: int" not in result.message

@@ -41,6 +41,16 @@ class Rejected(Exception):
     (a wrong number of model calls, a changed model); ``compare`` reports its message as it is."""
 
 
+class GeneratorSeed(int):
+    """The seed of the generator a checker hands the learner; messages show it as the generator it makes."""
+
+    def __repr__(self) -> str:
+        return f"torch.Generator().manual_seed({int(self)})"
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self))
+
+
 def describe(value) -> str:
     """A value as the messages show it: tensors by shape and dtype (0-d ones by value), numbers by value."""
     if isinstance(value, torch.Tensor):

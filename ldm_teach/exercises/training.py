@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .. import diffusion
-from .base import CheckResult, Rejected, compare
+from .base import CheckResult, GeneratorSeed, Rejected, compare
 
 
 def tiny_unet(seed: int, channels: int = 4, context_dim: int = 16):
@@ -35,7 +35,7 @@ def check_training_step(learner: Callable, seed: int = 0) -> CheckResult:
     loss of one step of latent diffusion training: t drawn with ``torch.randint(0, T, (B,), generator=...)``,
     then ε with ``torch.randn(latents.shape, generator=...)``, the latents noised to x_t, and the MSE
     between ``unet(x_t, t, context)`` and ε. One U-Net call; the gradients on the U-Net's parameters are
-    compared with the reference's. (The checker passes a fresh generator seeded from its own ``seed``.)"""
+    compared with the reference's. (The checker passes a fresh ``torch.Generator`` seeded from its own ``seed``.)"""
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for batch, side, schedule in [(4, 8, "scaled_linear"), (2, 4, "linear"), (3, 6, "squaredcos_cap_v2")]:
@@ -43,10 +43,10 @@ def check_training_step(learner: Callable, seed: int = 0) -> CheckResult:
                           latents=torch.randn(batch, 4, side, side, generator=generator),
                           context=torch.randn(batch, 5, 16, generator=generator),
                           alphas_cumprod=diffusion.NoiseSchedule.make(schedule, 1000, 0.00085, 0.012).alphas_cumprod,
-                          generator_seed=int(torch.randint(0, 2**31, (), generator=generator))))
+                          generator=GeneratorSeed(torch.randint(0, 2**31, (), generator=generator))))
 
-    def reference(unet, latents, context, alphas_cumprod, generator_seed, target="noise", noise_first=False, low=0):
-        step_generator = torch.Generator().manual_seed(generator_seed)
+    def reference(unet, latents, context, alphas_cumprod, generator, target="noise", noise_first=False, low=0):
+        step_generator = generator.generator()
         T = len(alphas_cumprod)
         if noise_first:
             noise = torch.randn(latents.shape, generator=step_generator)
@@ -59,9 +59,8 @@ def check_training_step(learner: Callable, seed: int = 0) -> CheckResult:
         wanted = {"noise": noise, "latents": latents, "x_t": x_t}[target]
         return torch.nn.functional.mse_loss(unet(x_t, t, context), wanted)
 
-    def run_learner(unet, latents, context, alphas_cumprod, generator_seed):
-        loss, calls = count_calls(unet, learner, unet, latents, context, alphas_cumprod,
-                                  torch.Generator().manual_seed(generator_seed))
+    def run_learner(unet, latents, context, alphas_cumprod, generator):
+        loss, calls = count_calls(unet, learner, unet, latents, context, alphas_cumprod, generator.generator())
         if calls != 1:
             raise Rejected(f"the U-Net ran {calls} times; one training step calls it once, on the whole batch")
         return loss
@@ -86,17 +85,17 @@ def check_caption_dropout(learner: Callable, seed: int = 0) -> CheckResult:
     generator = torch.Generator().manual_seed(seed)
     cases = [dict(context=torch.randn(batch, length, width, generator=generator),
                   empty_context=torch.randn(length, width, generator=generator), probability=probability,
-                  generator_seed=int(torch.randint(0, 2**31, (), generator=generator)))
+                  generator=GeneratorSeed(torch.randint(0, 2**31, (), generator=generator)))
              for batch, length, width, probability in [(64, 7, 8, 0.1), (16, 77, 4, 0.5), (8, 3, 2, 1.0)]]
 
-    def reference(context, empty_context, probability, generator_seed, fill=None, keep_below=False):
-        drop = torch.rand(len(context), generator=torch.Generator().manual_seed(generator_seed)) < probability  # (B,)
+    def reference(context, empty_context, probability, generator, fill=None, keep_below=False):
+        drop = torch.rand(len(context), generator=generator.generator()) < probability  # (B,)
         drop = ~drop if keep_below else drop
         empty = empty_context if fill is None else torch.full_like(empty_context, fill)
         return torch.where(drop[:, None, None], empty, context)
 
-    def package(context, empty_context, probability, generator_seed):
-        return caption_dropout(context, empty_context, probability, torch.Generator().manual_seed(generator_seed))
+    def package(context, empty_context, probability, generator):
+        return caption_dropout(context, empty_context, probability, generator.generator())
 
     mistakes = {
         "dropped captions set to zeros instead of the empty prompt's features (the pipeline's unconditional "
@@ -105,8 +104,8 @@ def check_caption_dropout(learner: Callable, seed: int = 0) -> CheckResult:
             partial(reference, keep_below=True),
     }
     return compare("caption_dropout",
-                   lambda context, empty_context, probability, generator_seed: learner(
-                       context, empty_context, probability, torch.Generator().manual_seed(generator_seed)),
+                   lambda context, empty_context, probability, generator: learner(
+                       context, empty_context, probability, generator.generator()),
                    package, cases, mistakes, rtol=0, atol=0, seed=seed)
 
 
