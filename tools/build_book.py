@@ -3,7 +3,8 @@
 Without options this is `jupyter-book build . -W`, executing each chapter (results cached in
 _build/.jupyter_cache). `--student` builds the edition to give students, into _build/student: a
 copy of the book whose chapters have every solution block (the gated `solution-start` ...
-`solution-end` cells) cut out, so neither the solutions' text nor their code reaches the page.
+`solution-end` cells) cut out, so neither the solutions' text nor their code reaches the page, and
+without the instructors' page (its sample grading holds answers).
 `--from-outputs` does not execute: it renders the outputs already in the notebooks (CI runs the
 chapters once, under nbmake, and builds from what they wrote).
 
@@ -80,13 +81,31 @@ def vendor_mathjax(html: pathlib.Path) -> None:
             shutil.copy(source / name, target / name)
 
 
+INSTRUCTORS_ONLY = {"chapters/instructors"}  # pages left out of the student edition (the grading page grades answers)
+
+
+def student_toc(toc: dict) -> dict:
+    """The table of contents without the instructors' pages (and without parts left empty)."""
+    parts = []
+    for part in toc.get("parts", []):
+        chapters = [chapter for chapter in part.get("chapters", []) if chapter.get("file") not in INSTRUCTORS_ONLY]
+        if chapters:
+            parts.append({**part, "chapters": chapters})
+    return {**toc, "parts": parts}
+
+
 def student_copy(config: dict) -> pathlib.Path:
-    """A copy of the book in _build/student_src with the solutions cut out of every chapter."""
+    """A copy of the book in _build/student_src with the solutions cut out of every chapter and
+    the instructors' pages left out."""
     source = ROOT / "_build" / "student_src"
     shutil.rmtree(source, ignore_errors=True)
     shutil.copytree(ROOT / "chapters", source / "chapters")
     shutil.copytree(ROOT / "_static", source / "_static")
-    shutil.copy(ROOT / "_toc.yml", source / "_toc.yml")
+    for page in INSTRUCTORS_ONLY:
+        for path in source.glob(f"{page}.*"):
+            path.unlink()
+    toc = student_toc(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+    (source / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     for path in (source / "chapters").glob("*.ipynb"):
         path.write_text(json.dumps(strip_solutions(json.loads(path.read_text())), indent=1, ensure_ascii=False))
     config["sphinx"]["config"]["hide_solutions"] = True
