@@ -6,7 +6,9 @@ text encoder of chapter 03's tiny CLIP, the U-Net of chapter 05, all on the capt
 with progress bars, and saves each to the cache; later calls load them in a moment.
 
 The cache is the folder named by ``LDM_TEACH_CACHE`` (default ``~/.cache/ldm_teach``), one
-subfolder per model and profile with ``model.safetensors`` and ``manifest.json``. The manifest
+subfolder per model and budget set with ``model.safetensors`` and ``manifest.json`` (the
+``profile`` arguments name the budget set, by default ``runtime.pick_budgets()``: the profile's own,
+or ``LDM_TEACH_BUDGETS``'s, so a rehearsal of the full profile never writes to the ``-full`` entries). The manifest
 records what the weights are: the settings that produced them (config, budget, data, seed, the
 package version, and for the U-Net the hashes of the VAE and text encoder it was trained with),
 the SHA-256 of the weights file and the training record (losses, seconds). Before loading, the
@@ -79,7 +81,7 @@ def file_hash(path: Path) -> str:
 
 def read_manifest(name: str, profile: str | None = None) -> dict:
     """The manifest of a cached model (settings, hash, training record); a CacheError if there is none."""
-    path = entry_dir(name, profile or runtime.pick_profile()) / "manifest.json"
+    path = entry_dir(name, profile or runtime.pick_budgets()) / "manifest.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -158,7 +160,7 @@ def base_settings(name: str, profile: str) -> dict:
 
 
 def pick(profile: str | None, device) -> tuple[str, torch.device]:
-    profile = profile or runtime.pick_profile()
+    profile = profile or runtime.pick_budgets()
     if profile not in runtime.PROFILES:
         raise ValueError(f"profile={profile!r} is not a profile; use one of {runtime.PROFILES} or None.")
     return profile, runtime.pick_device(device) if not isinstance(device, torch.device) else device
