@@ -8,8 +8,8 @@ with progress bars, and saves each to the cache; later calls load them in a mome
 The cache is the folder named by ``LDM_TEACH_CACHE`` (default ``~/.cache/ldm_teach``), one
 subfolder per model and budget set with ``model.safetensors`` and ``manifest.json`` (the
 ``profile`` arguments name the budget set, by default ``runtime.pick_budgets()``: the profile's own,
-or ``LDM_TEACH_BUDGETS``'s, so a rehearsal of the full profile never writes to the ``-full`` entries). The manifest
-records what the weights are: the settings that produced them (config, budget, data, seed, the
+or ``LDM_TEACH_BUDGETS``'s, so a rehearsal of the full profile never writes the ``-full`` entries).
+The manifest records what the weights are: the settings that produced them (config, budget, data, seed, the
 package version, and for the U-Net the hashes of the VAE and text encoder it was trained with),
 the SHA-256 of the weights file and the training record (losses, seconds). Before loading, the
 weights are hashed and the settings compared with what this version of the package would train;

@@ -1,4 +1,5 @@
-"""The stand-in weights of tools/rehearse_full_profile.py: the layout the full profile's downloads leave, readable offline."""
+"""The stand-in weights of tools/rehearse_full_profile.py: the layout the full profile's downloads leave,
+readable offline."""
 import json
 import os
 import sys
@@ -79,5 +80,6 @@ def test_the_vgg16_standin_has_torchvisions_names_and_shapes():
 def test_the_vgg16_standin_goes_where_torch_hub_looks(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = Path(torch.hub.get_dir()) / "checkpoints" / rehearsal.VGG16_FILE
-    monkeypatch.setattr(rehearsal, "vgg16_state_dict", lambda seed=0, device="cpu": {"features.0.weight": torch.zeros(1)})
+    small = {"features.0.weight": torch.zeros(1)}  # the file's place is the point here, not its 528 MB
+    monkeypatch.setattr(rehearsal, "vgg16_state_dict", lambda seed=0, device="cpu": small)
     assert rehearsal.write_vgg16_standin(tmp_path) == expected and expected.is_file()

@@ -16,7 +16,12 @@ otherwise first run on a learner's Colab. This script runs them anyway, on the C
    with VGG16's names and shapes. All weights are random. The SD 1.5 models are *tiny* configurations
    of SD 1.5's architecture (same block types, four levels, f = 8, 77 tokens, CLIP's real 49,408-token
    vocabulary), written by diffusers' and transformers' own ``save_pretrained``: full-size random models
-   would be 4 GB and far too slow on a CPU. VGG16 keeps its real shapes (528 MB), because LPIPS needs them;
+   would be 4 GB and far too slow on a CPU. Where SD 1.5's 2022 upload names weights otherwise than today's
+   libraries write them, the stand-in uses the upload's names (the VAE's middle attention as ``query``,
+   ``key``, ``value``, ``proj_attn``; the text encoder's under ``text_model.``, with ``position_ids``), and
+   its scheduler config keeps the stray ``clip_sample`` key. Not written: the root folder's single-file
+   checkpoints (``v1-5-pruned*.safetensors``, ``.ckpt``) and ``v1-inference.yaml``, which no chapter reads
+   from the hub. VGG16 keeps its real shapes (528 MB), because LPIPS needs them;
 3. it executes every chapter from a fresh kernel with ``LDM_TEACH_PROFILE=full`` (the full profile's code
    paths), ``LDM_TEACH_BUDGETS=quick`` (the quick profile's step counts and sizes) and ``HF_HUB_OFFLINE=1``,
    checks that each chapter's full-profile sections actually ran (by the lines they print), and prints
@@ -169,7 +174,8 @@ def write_sd15_files(folder: Path, seed: int = 0) -> None:
         shutil.copy(folder / "unet" / f"diffusion_pytorch_model.{suffix}",
                     folder / "unet" / f"diffusion_pytorch_model.non_ema.{suffix}")
     save_weights_in_every_format(AutoencoderKL(**TINY_VAE), folder / "vae", "diffusion_pytorch_model.safetensors",
-                                 "diffusion_pytorch_model.bin", lambda state: {hub_vae_key(k): v for k, v in state.items()})
+                                 "diffusion_pytorch_model.bin",
+                                 lambda state: {hub_vae_key(key): value for key, value in state.items()})
     text_config = CLIPTextConfig(**TINY_TEXT_ENCODER)
     save_weights_in_every_format(CLIPTextModel(text_config), folder / "text_encoder", "model.safetensors",
                                  "pytorch_model.bin", hub_text_encoder_weights)
@@ -269,8 +275,9 @@ def write_standins(folder: Path) -> None:
     start = time.perf_counter()
     snapshot = write_sd15_standin(Path(env["HF_HUB_CACHE"]))
     vgg = write_vgg16_standin(Path(env["TORCH_HOME"]))
-    print(f"stand-in weights written in {time.perf_counter() - start:.0f} s: {snapshot} "
-          f"({sum(1 for p in snapshot.rglob('*') if p.is_symlink())} files), {vgg} ({vgg.stat().st_size / 2**20:.0f} MiB)")
+    files = sum(1 for p in snapshot.rglob("*") if p.is_symlink())
+    print(f"stand-in weights written in {time.perf_counter() - start:.0f} s: {snapshot} ({files} files), "
+          f"{vgg} ({vgg.stat().st_size / 2**20:.0f} MiB)")
 
 
 def outputs_text(notebook) -> str:
@@ -345,8 +352,8 @@ def main(argv=None) -> int:
         print(f"{path.stem} ...", flush=True)
         passed, seconds, problem = run_chapter(path, args.timeout, folder / "executed")
         results.append((path.stem, passed, seconds, problem))
-        print(f"{path.stem}: {'passed' if passed else 'FAILED'} in {seconds:.0f} s" + (f" ({problem})" if problem else ""),
-              flush=True)
+        print(f"{path.stem}: {'passed' if passed else 'FAILED'} in {seconds:.0f} s"
+              + (f" ({problem})" if problem else ""), flush=True)
     total = time.perf_counter() - total_start
     import torch
 
