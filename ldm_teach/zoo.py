@@ -6,15 +6,17 @@ text encoder of chapter 03's tiny CLIP, the U-Net of chapter 05, all on the capt
 with progress bars, and saves each to the cache; later calls load them in a moment.
 
 The cache is the folder named by ``LDM_TEACH_CACHE`` (default ``~/.cache/ldm_teach``), one
-subfolder per model and profile with ``model.safetensors`` and ``manifest.json``. The manifest
-records what the weights are: the settings that produced them (config, budget, data, seed, the
-package version, and for the U-Net the weight hashes and configs of the VAE and text encoder it
-was trained with), the config the model is built from (for the VAE with its estimated scaling
-factor; a copy of the one saved inside the weights file), the SHA-256 of the weights file and the
-training record (losses, seconds). Before loading, the weights are hashed, the settings compared
-with what this version of the package would train and the manifest's config with the weights
-file's. A truncated or altered file, an edited or damaged manifest, or weights for other settings
-is never used: it is retrained with a warning, or with ``retrain=False`` reported as a
+subfolder per model and budget set with ``model.safetensors`` and ``manifest.json`` (the
+``profile`` arguments name the budget set, by default ``runtime.pick_budgets()``: the profile's own,
+or ``LDM_TEACH_BUDGETS``'s, so a rehearsal of the full profile never writes the ``-full`` entries).
+The manifest records what the weights are: the settings that produced them (config, budget, data,
+seed, the package version, and for the U-Net the weight hashes and configs of the VAE and text
+encoder it was trained with), the config the model is built from (for the VAE with its estimated
+scaling factor; a copy of the one saved inside the weights file), the SHA-256 of the weights file
+and the training record (losses, seconds). Before loading, the weights are hashed, the settings
+compared with what this version of the package would train and the manifest's config with the
+weights file's. A truncated or altered file, an edited or damaged manifest, or weights for other
+settings is never used: it is retrained with a warning, or with ``retrain=False`` reported as a
 ``CacheError`` that names the field. Files are written whole or not at all.
 
 The zoo's models never see the (color, shape) pairs in ``HELD_OUT_PAIRS``, so chapter 05 can
@@ -110,7 +112,7 @@ def parse_manifest(path: Path) -> dict:
 
 def read_manifest(name: str, profile: str | None = None) -> dict:
     """The manifest of a cached model (settings, config, hash, training record); a CacheError if there is none."""
-    path = entry_dir(name, profile or runtime.pick_profile()) / "manifest.json"
+    path = entry_dir(name, profile or runtime.pick_budgets()) / "manifest.json"
     try:
         return parse_manifest(path)
     except CacheError as error:
@@ -236,7 +238,7 @@ def base_settings(name: str, profile: str) -> dict:
 
 
 def pick(profile: str | None, device) -> tuple[str, torch.device]:
-    profile = profile or runtime.pick_profile()
+    profile = profile or runtime.pick_budgets()
     if profile not in runtime.PROFILES:
         raise ValueError(f"profile={profile!r} is not a profile; use one of {runtime.PROFILES} or None.")
     return profile, runtime.pick_device(device) if not isinstance(device, torch.device) else device
