@@ -10,7 +10,7 @@ NBMAKE_ARGS ?=
 export LDM_TEACH_PROFILE ?= quick
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test book student book-from-outputs clean
+.PHONY: setup test book student book-from-outputs clean rehearse
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,3 +37,9 @@ book-from-outputs: setup
 
 clean:
 	rm -rf _build
+
+# The full profile's code paths on the CPU, offline, with the quick budgets and random stand-in weights in the
+# layout the full profile downloads (tools/rehearse_full_profile.py). Run it before a change to a full-profile
+# branch lands.
+rehearse: setup
+	$(PY) tools/rehearse_full_profile.py

@@ -43,7 +43,7 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def main():
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizerFast  # in transformers 5 another name for CLIPTokenizer; in 4 the Rust one
 
     prompts = make_prompts(10_000)
     folder = Path(tempfile.mkdtemp())
@@ -51,7 +51,8 @@ def main():
     (folder / "vocab.json").write_text(json.dumps(clip_vocabulary(merges)), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")
-    theirs = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    # the paths positionally: transformers 5 names them vocab= and merges=, transformers 4 vocab_file= and merges_file=
+    theirs = CLIPTokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
     ours = Tokenizer()
     warnings.simplefilter("ignore")  # some prompts run past 77 tokens
 

@@ -88,7 +88,8 @@ def check_callable(value, name: str) -> None:
 def check_finite_weights(state_dict: dict[str, torch.Tensor], what: str) -> None:
     """Refuse weights holding NaN or inf, naming the tensors (one per line): such a file gives black or NaN images."""
     bad = [key for key, value in state_dict.items()
-           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta
+           and not torch.isfinite(value).all()]  # meta tensors (shapes only) hold no values to check
     if bad:
         listed = "\n".join(f"  {key}" for key in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise ValueError(f"the {what} weights hold NaN or infinite values in {len(bad)} tensors:\n{listed}\n"

@@ -5,7 +5,8 @@ Chapter 03 builds this file top to bottom:
 1. the **tokenizer** (section 03.2): clean the text, split it into words, spell each word in
    byte-level characters, merge character pairs by rank (byte-pair encoding), add the start and
    end tokens and pad to 77 ids. It reproduces transformers' ``CLIPTokenizer`` id for id, using
-   the vocabulary bundled in ``ldm_teach/assets``;
+   the vocabulary bundled in ``ldm_teach/assets`` (transformers 4's ``CLIPTokenizerFast`` too, except
+   that it reads a special token written in capitals, ``<|ENDOFTEXT|>``, as the special token);
 2. the **text encoder** (chapter 03): token plus position embeddings, a stack of pre-LayerNorm
    transformer blocks with a causal mask, a final LayerNorm. Stable Diffusion feeds the U-Net all
    77 of its output vectors, not a single pooled one (section 03.4);
@@ -416,7 +417,7 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"{L} tokens is more than the {self.config.max_position_embeddings} positions this encoder has."
             )
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+        if input_ids.numel() and not input_ids.is_meta and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); is the tokenizer's vocabulary this model's?"
             )

@@ -119,8 +119,21 @@ def rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Copy ``state_dict`` into ``model``, refusing any missing, unexpected or mis-shaped key, and NaN or inf."""
+class KeyMismatchError(KeyError):
+    """Keys of a checkpoint that do not match its model. A KeyError that prints its message as written:
+    a plain KeyError shows the repr, with every line break as ``\\n`` on one long line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                           check_only: bool = False) -> torch.nn.Module:
+    """Copy ``state_dict`` into ``model``, refusing any missing, unexpected or mis-shaped key, and NaN or inf.
+
+    The error lists the keys one per line, up to 10 of each kind and then how many more. With
+    ``check_only`` nothing is copied: a caller that loads several parts checks them all first.
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -129,18 +142,19 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape
     )
     if missing or unexpected or mis_shaped:
-        def show(keys):
-            return ", ".join(keys[:10]) + (f" ... and {len(keys) - 10} more" if len(keys) > 10 else "") or "none"
+        def show(kind, keys):
+            listed = "".join(f"\n    {key}" for key in keys[:10]) or " none"
+            more = f"\n    ... and {len(keys) - 10} more" if len(keys) > 10 else ""
+            return f"  {kind} ({len(keys)}):{listed}{more}\n"
 
-        raise KeyError(
+        raise KeyMismatchError(
             f"the {what} checkpoint does not match the model built from its config.\n"
-            f"  missing keys ({len(missing)}): {show(missing)}\n"
-            f"  unexpected keys ({len(unexpected)}): {show(unexpected)}\n"
-            f"  mis-shaped ({len(mis_shaped)}): {show(mis_shaped)}\n"
-            "Check that the config and the weights come from the same model."
+            + show("missing keys", missing) + show("unexpected keys", unexpected) + show("mis-shaped", mis_shaped)
+            + "Check that the config and the weights come from the same model."
         )
     check_finite_weights(state_dict, what)
-    model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
+    if not check_only:
+        model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
     return model
 
 
@@ -253,6 +267,9 @@ def scheduler_from_config(config: dict) -> Scheduler:
     we do not implement are refused unless they are switched off.
     """
     class_name = config.get("_class_name")
+    if class_name is None:
+        raise ValueError(f"the scheduler config has no '_class_name' (its keys: {sorted(config)}); a diffusers "
+                         "scheduler_config.json names its class, e.g. {'_class_name': 'PNDMScheduler', ...}.")
     if class_name not in SCHEDULERS:
         raise ValueError(
             f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(SCHEDULERS)}. "
@@ -270,7 +287,8 @@ def scheduler_from_diffusers(scheduler) -> Scheduler:
 
 # transformers' CLIPTextModel nests its weights as text_model.embeddings.*, text_model.encoder.layers.*
 # and text_model.final_layer_norm.*; ours sit one level up (token_embedding, layers.0..., final_layer_norm).
-# Folders written by transformers 5 drop the "text_model." prefix; SD checkpoints keep it.
+# Folders written by transformers 5.6 and later drop the "text_model." prefix; SD checkpoints and older
+# transformers keep it.
 TEXT_ENCODER_PREFIXES = ("text_model.", "embeddings.", "encoder.")
 # Older transformers saved the position ids 0..76 as a buffer; they are recomputed, not weights.
 TEXT_ENCODER_IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")

@@ -2,7 +2,9 @@
 
 Chapter 01 trains the toy denoiser here, chapter 02 the VAE, chapter 03 CLIP, and chapter 05 the
 latent diffusion model: caption dropout, the EMA of the weights, the frozen encoders' outputs
-computed once, and ``LatentDiffusionTrainer`` with checkpoints that resume a run exactly.
+computed once, and ``LatentDiffusionTrainer`` with checkpoints that resume a run exactly. A
+checkpoint is written whole or not at all, and one of another run, or a damaged one, is refused
+before it changes anything.
 """
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import copy
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import diffusion
@@ -334,6 +340,57 @@ class DiffusionTrainingConfig:
         return self.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Have ``write(temporary)`` write a temporary file beside ``path``, then move it onto ``path`` in one
+    step (``os.replace``). An error or an interruption on the way (a full disk, a stopped kernel) leaves
+    whatever was at ``path`` as it was and no half-written file behind."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class MissingField:
+    """Stands for a field that one of two compared records lacks."""
+
+    def __repr__(self) -> str:
+        return "missing"
+
+
+def compare_records(saved, current, prefix: str = "") -> dict[str, tuple]:
+    """Where two JSON records (nested dicts) differ: ``{dotted field: (saved value, current value)}``,
+    e.g. ``{"vae.config.scaling_factor": (0.93, 1.12)}``; a field one side lacks is a ``MissingField`` there.
+    Values are compared as JSON text, so that 1, 1.0 and true differ."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        same = json.dumps(saved, sort_keys=True) == json.dumps(current, sort_keys=True)
+        return {} if same else {prefix.rstrip(".") or "the whole record": (saved, current)}
+    differences = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in saved and key in current:
+            differences.update(compare_records(saved[key], current[key], f"{prefix}{key}."))
+        else:
+            differences[prefix + key] = (saved.get(key, MissingField()), current.get(key, MissingField()))
+    return differences
+
+
+def describe_differences(differences: dict[str, tuple], sides: tuple[str, str] = ("saved", "now"),
+                         limit: int = 8) -> str:
+    """``compare_records``'s result in words: "budget.steps (saved 3, now 4); seed (saved 0, now 1)"."""
+    def short(value):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    described = [f"{field} ({sides[0]} {short(saved)}, {sides[1]} {short(current)})"
+                 for field, (saved, current) in list(differences.items())[:limit]]
+    more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
+    return "; ".join(described) + more
+
+
 class LatentDiffusionTrainer:
     """The LDM training loop, one step at a time, with checkpoints that resume the same run.
 
@@ -343,14 +400,22 @@ class LatentDiffusionTrainer:
     take a clipped AdamW step and update the EMA. All randomness comes from one CPU generator
     seeded with ``config.seed``, so on the CPU a seed fixes the loss curve, and a checkpoint
     (weights, EMA, optimiser state, step, generator state, losses) continues it bit for bit.
+
+    ``provenance`` (a JSON record) names what else the run depends on, which the config does not
+    hold: for the zoo's U-Net, the frozen VAE and text encoder that made ``data``. Every checkpoint
+    keeps it, and ``load`` refuses a checkpoint whose provenance differs, so a run is never
+    continued on latents of another VAE.
     """
 
     FORMAT = "ldm_teach.LatentDiffusionTrainer/1"
+    ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter
 
-    def __init__(self, unet: torch.nn.Module, data: DiffusionData, config: DiffusionTrainingConfig | None = None):
+    def __init__(self, unet: torch.nn.Module, data: DiffusionData, config: DiffusionTrainingConfig | None = None,
+                 provenance: dict | None = None):
         from .schedulers import DDPMScheduler
 
         self.config = config = config or DiffusionTrainingConfig()
+        self.provenance = json.loads(json.dumps(provenance or {}))  # as a checkpoint holds it: tuples become lists
         self.unet, self.data = unet, data
         if data.latents_mean.shape[1] != unet.config.in_channels:
             raise ValueError(f"the data has {data.latents_mean.shape[1]} channels but the U-Net takes "
@@ -438,9 +503,8 @@ class LatentDiffusionTrainer:
     # --- checkpoints ---
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write everything the run needs to continue to one safetensors file (atomically)."""
-        from safetensors.torch import save_file
-
+        """Write everything the run needs to continue to one safetensors file, whole or not at all
+        (``write_atomically``): an interrupted save leaves the previous checkpoint intact."""
         tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         optimizer_state = self.optimizer.state_dict()
@@ -449,44 +513,114 @@ class LatentDiffusionTrainer:
         tensors["generator_state"] = self.generator.get_state()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         tensors["seconds"] = torch.tensor(self.seconds, dtype=torch.float64)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         metadata = {"format": self.FORMAT, "step": str(self.step), "config": json.dumps(asdict(self.config)),
-                    "unet_config": json.dumps(asdict(self.unet.config)),
+                    "provenance": json.dumps(self.provenance), "unet_config": json.dumps(asdict(self.unet.config)),
                     "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
                     "grad_scaler": json.dumps(self.scaler.state_dict())}
-        temporary = f"{os.fspath(path)}.partial"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> "LatentDiffusionTrainer":
-        """Continue the run saved in ``path``; refuse a checkpoint of another run or another model."""
-        from safetensors import SafetensorError, safe_open
+        """Continue the run saved in ``path``; refuse a checkpoint of another run or another model.
 
+        Everything is checked before anything is changed: the config and provenance, the keys and
+        shapes of the weights and the EMA, the optimiser's and the generator's state, the step and
+        the record. A refused checkpoint (ValueError, or KeyError for the weights' keys) leaves the
+        trainer as it was.
+        """
         from .pretrained import load_state_dict_strict
 
         try:
             with safe_open(os.fspath(path), framework="pt") as file:
                 metadata = file.metadata() or {}
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except SafetensorError as error:
+        except (SafetensorError, OSError) as error:
             raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated. "
                              "Start a new run, or resume from an intact checkpoint.") from error
         if metadata.get("format") != self.FORMAT:
             raise ValueError(f"{path} is not a LatentDiffusionTrainer checkpoint (format {metadata.get('format')!r}).")
-        saved = json.loads(metadata["config"])
-        differing = {k: (saved.get(k), v) for k, v in asdict(self.config).items() if saved.get(k) != v}
-        if differing:
-            raise ValueError(f"{path} is a checkpoint of another run; these settings differ (saved, now): {differing}. "
-                             "Resume with the saved DiffusionTrainingConfig, or start a new run.")
-        load_state_dict_strict(self.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, "U-Net")
-        load_state_dict_strict(self.ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, "EMA U-Net")
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
-        self.scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
+        for field, current in (("config", asdict(self.config)), ("provenance", self.provenance)):
+            differences = compare_records(self.checkpoint_field(metadata, field, path), current)
+            if differences:
+                raise ValueError(f"{path} is a checkpoint of another run; its {field} differs: "
+                                 f"{describe_differences(differences)}. Resume with the saved settings, or start "
+                                 "a new run.")
+        unet_state = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+        ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        load_state_dict_strict(self.unet, unet_state, "U-Net", check_only=True)
+        load_state_dict_strict(self.ema, ema_state, "EMA U-Net", check_only=True)
+        optimizer_state = self.checked_optimizer_state(metadata, tensors, path)
+        scaler_state = self.checkpoint_field(metadata, "grad_scaler", path)
+        if not isinstance(scaler_state, dict) or set(scaler_state) != set(self.scaler.state_dict()):
+            raise ValueError(f"{path}: the loss scaler's state {scaler_state!r:.80} is not this trainer's; resume "
+                             "on the same kind of device and precision as the saved run.")
+        step = self.checked_progress(metadata, tensors, path)
+
+        # Nothing has changed so far; from here on nothing can fail.
+        load_state_dict_strict(self.unet, unet_state, "U-Net")
+        load_state_dict_strict(self.ema, ema_state, "EMA U-Net")
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scaler.load_state_dict(scaler_state)
         self.generator.set_state(tensors["generator_state"])
-        self.step = int(metadata["step"])
+        self.step = step
         self.losses, self.seconds = tensors["losses"].tolist(), tensors["seconds"].tolist()
         return self
+
+    @staticmethod
+    def checkpoint_field(metadata: dict[str, str], field: str, path) -> object:
+        """A JSON field of a checkpoint's metadata, or a ValueError naming it."""
+        if field not in metadata:
+            raise ValueError(f"{path}: the checkpoint's {field!r} is missing; it was not written by this trainer.")
+        try:
+            return json.loads(metadata[field])
+        except ValueError as error:
+            raise ValueError(f"{path}: the checkpoint's {field!r} is not JSON ({metadata[field]!r:.80}).") from error
+
+    def checked_optimizer_state(self, metadata: dict[str, str], tensors: dict[str, torch.Tensor], path) -> dict:
+        """The saved AdamW state, checked against this trainer's optimiser: the same parameter groups,
+        and for each parameter at most its step and two moments of its own shape."""
+        groups = self.checkpoint_field(metadata, "optimizer_param_groups", path)
+        own_groups = self.optimizer.state_dict()["param_groups"]
+        if not (isinstance(groups, list) and all(isinstance(group, dict) for group in groups)
+                and [sorted(group) for group in groups] == [sorted(group) for group in own_groups]
+                and [group["params"] for group in groups] == [group["params"] for group in own_groups]):
+            raise ValueError(f"{path}: the optimiser's parameter groups {groups!r:.80} are not those of this "
+                             f"U-Net's AdamW ({len(own_groups)} group of {len(own_groups[0]['params'])} parameters).")
+        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if not key.startswith("optimizer."):
+                continue
+            _, index, name = (key.split(".", 2) + ["", ""])[:3]
+            if not index.isdigit() or int(index) >= len(parameters) or name not in self.ADAMW_STATE:
+                raise ValueError(f"{path}: {key} is not AdamW state of one of this U-Net's {len(parameters)} "
+                                 f"parameters ({', '.join(self.ADAMW_STATE)} of optimizer.0 to "
+                                 f"optimizer.{len(parameters) - 1}).")
+            shape = () if name == "step" else parameters[int(index)].shape
+            if value.shape != shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, but its parameter needs "
+                                 f"{tuple(shape)}.")
+            state.setdefault(int(index), {})[name] = value
+        incomplete = sorted(index for index, entry in state.items() if len(entry) != len(self.ADAMW_STATE))
+        if incomplete:
+            raise ValueError(f"{path}: the AdamW state of parameters {incomplete[:10]} lacks some of "
+                             f"{', '.join(self.ADAMW_STATE)}.")
+        return {"state": state, "param_groups": groups}
+
+    def checked_progress(self, metadata: dict[str, str], tensors: dict[str, torch.Tensor], path) -> int:
+        """The saved step, checked against this run's length, with one loss and one time per step and
+        a generator state of this generator's size."""
+        step = self.checkpoint_field(metadata, "step", path)
+        if not isinstance(step, int) or not 0 <= step <= self.config.steps:
+            raise ValueError(f"{path}: step={step!r} is not a step of this run (0 to {self.config.steps}).")
+        expected = {"losses": (step,), "seconds": (step,), "generator_state": tuple(self.generator.get_state().shape)}
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise ValueError(f"{path}: {name} is missing from the checkpoint.")
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, but a checkpoint at step "
+                                 f"{step} needs {shape}.")
+        if tensors["generator_state"].dtype != torch.uint8:
+            raise ValueError(f"{path}: generator_state is {tensors['generator_state'].dtype}, not a generator's "
+                             "state (torch.uint8).")
+        return step

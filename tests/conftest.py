@@ -25,8 +25,8 @@ def tiny_diffusers_pipeline(tmp_path_factory):
     (folder / "vocab.json").write_text(json.dumps(clip_vocabulary(merges)), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                              model_max_length=77)
+    # the paths positionally: transformers 5 names them vocab/merges, transformers 4 vocab_file/merges_file
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,

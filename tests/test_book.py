@@ -59,3 +59,53 @@ def test_student_edition_cuts_out_solutions_and_keeps_exercises():
     kept = build_book.strip_solutions(example)["cells"]
     assert [c["cell_type"] for c in kept] == ["markdown", "markdown"]
     assert "task" in kept[0]["source"] and "answer" not in json.dumps(kept) and kept[1]["source"] == "next text\n"
+
+
+def test_math_is_served_with_the_book(tmp_path):
+    """MathJax comes from the book's own files (no CDN): the config points into _static, and the files it
+    loads are copied there from the installed wheel."""
+    import build_book
+    import yaml
+
+    mathjax_path = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]["mathjax_path"]
+    assert not mathjax_path.startswith(("http:", "https:", "//")), mathjax_path
+    build_book.vendor_mathjax(tmp_path)
+    assert (tmp_path / "_static" / mathjax_path).is_file()
+    fonts = list((tmp_path / "_static" / "mathjax" / "es5" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert len(fonts) > 10 and (tmp_path / "_static" / "mathjax" / "LICENSE").is_file()
+
+
+def _auto_graded():
+    from ldm_teach.exercises import registry
+
+    return [exercise for exercise in registry.EXERCISES if exercise.auto_graded]
+
+
+@pytest.mark.parametrize("exercise", _auto_graded(), ids=lambda exercise: exercise.label)
+def test_the_answer_is_not_on_the_page_before_the_exercise_nor_in_the_student_edition(exercise):
+    import build_book
+
+    notebook = json.loads((ROOT / "chapters" / f"{exercise.chapter}.ipynb").read_text())
+    sources = ["".join(cell["source"]) for cell in notebook["cells"]]
+    position = next(i for i, source in enumerate(sources) if f":label: {exercise.label}\n" in source)
+    student = [("".join(cell["source"]), cell["cell_type"]) for cell in build_book.strip_solutions(notebook)["cells"]]
+    student_code = [source for source, kind in student if kind == "code"]
+    definition = re.compile(rf"^def {re.escape(exercise.function)}\(", re.M)
+    stubs = [source for source in student_code if definition.search(source)]
+    assert len(stubs) == 1 and "replace with your code" in stubs[0], exercise.label  # the starting code only
+    assert f"exercises.{exercise.checker}({exercise.function})" in stubs[0]
+    for shown in exercise.sources:
+        call = f"show_source({shown})"
+        assert not any(call in source for source in sources[:position]), f"{shown} is shown before {exercise.label}"
+        assert any(call in source for source in sources[position:]), f"{shown} is not shown after {exercise.label}"
+        assert not any(call in source for source in student_code), f"the student edition shows {shown}"
+
+
+def test_the_student_edition_leaves_out_the_instructors_page():
+    import build_book
+    import yaml
+
+    toc = build_book.student_toc(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+    files = [chapter["file"] for part in toc["parts"] for chapter in part["chapters"]]
+    assert "chapters/instructors" in TOC_FILES and "chapters/instructors" not in files
+    assert [f for f in TOC_FILES if f != "chapters/instructors"] == files

@@ -1,7 +1,7 @@
 """Chapter 07's checkers: the package's answers pass, common mistakes are named, in-place changes caught."""
 import torch
 
-from ldm_teach import exercises_editing as checks
+from ldm_teach.exercises import editing as checks
 from ldm_teach.editing import blend_known_region, inpainting_input, start_step
 
 
@@ -36,7 +36,7 @@ def test_blend_step_mistakes():
         known = scheduler.add_noise(image_latents, noise, torch.tensor([next_timestep]))
         return latents.mul_(mask).add_((1 - mask) * known)
 
-    assert "changed its input `latents` in place" in checks.check_blend_step(in_place).message
+    assert "changed in place" in checks.check_blend_step(in_place).message  # autograd refuses it on a leaf
 
 
 def test_inpainting_input_and_skips_mistakes():
@@ -48,3 +48,16 @@ def test_inpainting_input_and_skips_mistakes():
     assert not result and "raised RuntimeError" in result.message  # along the batch: the shapes do not fit
     result = checks.check_controlled_skips(lambda skips, down_residuals, conditioning_scale: skips + down_residuals)
     assert not result and "conditioning_scale left out" in result.message
+
+
+def test_seeds_pick_other_cases_and_gradients_are_checked(capsys):
+    assert checks.check_start_step(start_step, seed=7).seed == 7
+    fixed = [(50, 0.8), (10, 0.55), (10, 1.0), (4, 0.3), (25, 0.5), (100, 0.29), (7, 0.99), (30, 0.35)]
+    table = {case: start_step(*case) for case in fixed}
+    assert not checks.check_start_step(lambda n, s: table.get((n, s), 0), seed=3)  # a table of the fixed cases
+
+    def detached(latents, image_latents, noise, mask, scheduler, next_timestep):
+        return checks.reference_blend_step(latents, image_latents, noise, mask, scheduler, next_timestep).detach()
+
+    result = checks.check_blend_step(detached, seed=1)
+    assert not result and "gradient" in result.message

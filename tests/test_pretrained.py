@@ -66,8 +66,9 @@ def test_fp16_variant_files(tiny_diffusers_pipeline, folder_copy):
     half = pretrained.load_pipeline(folder_copy, variant="fp16", dtype=torch.float32)
     assert half.unet.conv_in.weight.dtype == torch.float32  # dtype= says what the models compute in
     assert torch.equal(half.unet.conv_in.weight, reference.unet.conv_in.weight.detach().half().float())
-    assert torch.equal(half.text_encoder.final_layer_norm.weight,
-                       reference.text_encoder.state_dict()["final_layer_norm.weight"].half().float())
+    reference_weights = {k.removeprefix("text_model."): v for k, v in reference.text_encoder.state_dict().items()}
+    assert torch.equal(half.text_encoder.final_layer_norm.weight,  # the prefix: transformers < 5.6
+                       reference_weights["final_layer_norm.weight"].half().float())
     assert np.abs(images(half) - images(reference)).max() < 0.05  # only the weights' rounding differs
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
         pretrained.load_pipeline(folder_copy)  # without variant="fp16" the full-precision files are looked for
@@ -195,8 +196,8 @@ def test_extra_keys_of_original_files_are_ignored_and_missing_ones_listed(tiny_d
     del tensors["model.diffusion_model.out.2.weight"]
     tensors["model.diffusion_model.out.9.weight"] = torch.zeros(1)
     save_file(tensors, tmp_path / "broken.safetensors")
-    with pytest.raises(KeyError, match=r"missing keys \(1\): conv_out.weight(.|\n)*unexpected keys \(1\): "
-                                       r"model.diffusion_model.out.9.weight"):
+    with pytest.raises(KeyError, match=r"missing keys \(1\):\n    conv_out.weight\n(.|\n)*unexpected keys \(1\):\n"
+                                       r"    model.diffusion_model.out.9.weight\n"):
         pretrained.load_single_file(tmp_path / "broken.safetensors", **tiny_configs(reference))
 
 
@@ -295,3 +296,24 @@ def test_load_single_file_names_a_file_that_is_no_checkpoint(tmp_path, content, 
 def test_a_file_given_for_a_folder_points_to_load_single_file(single_file):
     with pytest.raises(FileNotFoundError, match=rf"{single_file} is a file; pass the folder.*load_single_file"):
         pretrained.load_pipeline(single_file)
+
+
+def test_a_key_mismatch_lists_one_key_per_line_and_loads_nothing():
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(7)])  # keys 0.weight, 0.bias, ..., 6.bias
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_dict = {k: torch.zeros_like(v) for k, v in before.items() if not k.startswith("0.")}  # 2 missing
+    state_dict.update({f"extra.{i}": torch.zeros(1) for i in range(12)})  # 12 unexpected
+    state_dict["1.weight"] = torch.zeros(3, 2)  # mis-shaped
+    with pytest.raises(KeyError) as error:
+        pretrained.load_state_dict_strict(model, state_dict, "test")
+    lines = str(error.value).splitlines()
+    assert lines[1:4] == ["  missing keys (2):", "    0.bias", "    0.weight"]
+    unexpected = lines.index("  unexpected keys (12):")
+    assert lines[unexpected + 1:unexpected + 3] == ["    extra.0", "    extra.1"]
+    assert lines[unexpected + 11] == "    ... and 2 more"
+    assert "    1.weight: checkpoint (3, 2) vs model (2, 2)" in lines
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    matching = {k: torch.zeros_like(v) for k, v in before.items()}
+    pretrained.load_state_dict_strict(model, matching, "test", check_only=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # checked, not copied

@@ -190,6 +190,8 @@ def test_scheduler_from_config_reads_a_scheduler_config_json():
 def test_unknown_scheduler_class_lists_the_supported_ones():
     with pytest.raises(ValueError, match="LMSDiscreteScheduler.*DDIMScheduler"):
         pretrained.scheduler_from_config({"_class_name": "LMSDiscreteScheduler"})
+    with pytest.raises(ValueError, match=r"has no '_class_name' \(its keys: \['beta_end'\]\)"):
+        pretrained.scheduler_from_config({"beta_end": 0.012})
 
 
 @pytest.mark.parametrize("name", NAMES)

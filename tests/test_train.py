@@ -216,3 +216,123 @@ def test_training_in_pixel_space_with_v_prediction_and_a_time_limit():
         train.DiffusionTrainingConfig(prediction_type="x0")
     with pytest.raises(ValueError, match="mixed_precision=True needs a CUDA GPU"):
         tiny_trainer(diffusion_data, mixed_precision=True)
+
+
+def trainer_state(trainer):
+    """Everything a load may change, copied: weights, EMA, optimiser, loss scaler, generator, step and record."""
+    return dict(unet=copy.deepcopy(trainer.unet.state_dict()), ema=copy.deepcopy(trainer.ema.state_dict()),
+                optimizer=copy.deepcopy(trainer.optimizer.state_dict()), scaler=trainer.scaler.state_dict(),
+                generator=trainer.generator.get_state(), step=trainer.step, losses=list(trainer.losses),
+                seconds=list(trainer.seconds))
+
+
+def same_state(a, b):
+    def equal(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):  # betas come back from a checkpoint's JSON as a list
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(equal(i, j) for i, j in zip(x, y))
+        return x == y
+
+    return equal(a, b)
+
+
+def edit_checkpoint(source, target, edit):
+    """Copy a checkpoint with ``edit(tensors, metadata)`` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(source, framework="pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    edit(tensors, metadata)
+    save_file(tensors, target, metadata=metadata)
+
+
+def drop_ema_keys(tensors, metadata):
+    for key in [k for k in tensors if k.startswith("ema.")][:12]:
+        del tensors[key]
+
+
+BREAKAGES = {  # name: (edit, error type, what the message must name)
+    "EMA keys missing": (drop_ema_keys, KeyError,
+                         r"EMA U-Net checkpoint(.|\n)*missing keys \(12\):\n    \S+\n(.|\n)*    \.\.\. and 2 more\n"),
+    "an unexpected U-Net key": (lambda t, m: t.update({"unet.extra.weight": torch.zeros(2)}), KeyError,
+                                r"unexpected keys \(1\):\n    extra.weight\n"),
+    "a moment of the wrong shape": (lambda t, m: t.update({"optimizer.0.exp_avg": torch.zeros(3)}), ValueError,
+                                    r"optimizer.0.exp_avg has shape \(3,\)"),
+    "state of a parameter that is not there": (lambda t, m: t.update({"optimizer.999.exp_avg": torch.zeros(1)}),
+                                               ValueError, r"optimizer.999"),
+    "a generator state cut short": (lambda t, m: t.update({"generator_state": t["generator_state"][:100]}), ValueError,
+                                    r"generator_state has shape \(100,\)"),
+    "losses for fewer steps": (lambda t, m: t.update({"losses": t["losses"][:2]}), ValueError,
+                               r"losses has shape \(2,\), but a checkpoint at step 4 needs \(4,\)"),
+    "no step": (lambda t, m: m.pop("step"), ValueError, r"the checkpoint's 'step' is missing"),
+    "a step not a number": (lambda t, m: m.update(step="four"), ValueError, r"'step' is not JSON \('four'\)"),
+    "a step past the end": (lambda t, m: m.update(step="80"), ValueError, r"step=80"),
+    "param groups of another optimiser": (lambda t, m: m.update(optimizer_param_groups="[]"), ValueError,
+                                          r"parameter groups"),
+    "another run's provenance": (lambda t, m: m.update(provenance='{"vae": {"sha256": "abc"}}'), ValueError,
+                                 r"provenance differs: vae \(saved \{'sha256': 'abc'\}, now missing\)"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path, breakage):
+    edit, error_type, message = BREAKAGES[breakage]
+    diffusion_data, _ = tiny_diffusion_setup()
+    saved = tiny_trainer(diffusion_data)
+    saved.train(until=4, progress=False)
+    saved.save(tmp_path / "run.safetensors")
+    edit_checkpoint(tmp_path / "run.safetensors", tmp_path / "broken.safetensors", edit)
+
+    trainer = tiny_trainer(diffusion_data)
+    trainer.train(until=2, progress=False)  # another point of the same run: any partial load would show
+    before = trainer_state(trainer)
+    with pytest.raises(error_type, match=message):
+        trainer.load(tmp_path / "broken.safetensors")
+    assert same_state(trainer_state(trainer), before)
+    trainer.load(tmp_path / "run.safetensors")  # the intact checkpoint does change everything
+    assert trainer.step == 4 and same_state(trainer_state(trainer), trainer_state(saved))
+
+
+def test_a_checkpoint_is_resumed_only_with_the_same_provenance(tmp_path):
+    diffusion_data, _ = tiny_diffusion_setup()
+    vae = {"sha256": "0" * 64, "config": {"scaling_factor": 2.0}}
+    trainer = train.LatentDiffusionTrainer(tiny_trainer(diffusion_data).unet, diffusion_data,
+                                           tiny_trainer(diffusion_data).config, provenance={"vae": vae})
+    trainer.train(until=2, progress=False)
+    trainer.save(tmp_path / "run.safetensors")
+    other = train.LatentDiffusionTrainer(tiny_trainer(diffusion_data).unet, diffusion_data,
+                                         tiny_trainer(diffusion_data).config,
+                                         provenance={"vae": {**vae, "config": {"scaling_factor": 0.5}}})
+    with pytest.raises(ValueError, match=r"vae.config.scaling_factor \(saved 2.0, now 0.5\)"):
+        other.load(tmp_path / "run.safetensors")
+    assert other.step == 0
+    same = train.LatentDiffusionTrainer(tiny_trainer(diffusion_data).unet, diffusion_data,
+                                        tiny_trainer(diffusion_data).config, provenance={"vae": vae})
+    assert same.load(tmp_path / "run.safetensors").step == 2
+
+
+def test_an_interrupted_save_leaves_the_earlier_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    diffusion_data, _ = tiny_diffusion_setup()
+    trainer = tiny_trainer(diffusion_data)
+    trainer.train(until=2, progress=False)
+    trainer.save(tmp_path / "run.safetensors")
+    good = (tmp_path / "run.safetensors").read_bytes()
+    trainer.train(until=4, progress=False)
+    real_save_file = train.save_file
+
+    def interrupted_save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as file:
+            file.truncate(len(good) // 2)  # half written ...
+        raise KeyboardInterrupt  # ... when the user stops the kernel
+
+    monkeypatch.setattr(train, "save_file", interrupted_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(tmp_path / "run.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"]
+    assert (tmp_path / "run.safetensors").read_bytes() == good
+    assert tiny_trainer(diffusion_data).load(tmp_path / "run.safetensors").step == 2

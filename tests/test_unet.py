@@ -124,9 +124,9 @@ def test_load_unet_lists_missing_and_unexpected_keys(saved_unet, tmp_path):
     weights["down_blocks.0.resnets.0.conv_one.weight"] = weights.pop(renamed)
     save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(KeyError, match=r"missing keys \(1\): down_blocks.0.resnets.0.conv1.weight") as error:
+    with pytest.raises(KeyError, match=r"missing keys \(1\):\n    down_blocks.0.resnets.0.conv1.weight") as error:
         pretrained.load_unet(tmp_path, subfolder=None)
-    assert "unexpected keys (1): down_blocks.0.resnets.0.conv_one.weight" in str(error.value)
+    assert "unexpected keys (1):\n    down_blocks.0.resnets.0.conv_one.weight" in str(error.value)
 
 
 def test_load_unet_without_weights_says_what_is_missing(saved_unet, tmp_path):

@@ -148,7 +148,7 @@ def test_mismatched_key_lists_the_keys(tiny_pair, tmp_path):
     weights = load_file(path)
     weights["decoder.conv_out.bias_renamed"] = weights.pop("decoder.conv_out.bias")
     save_file(weights, path)
-    with pytest.raises(KeyError, match=r"missing keys \(1\): decoder.conv_out.bias(.|\n)*unexpected keys \(1\): "
+    with pytest.raises(KeyError, match=r"missing keys \(1\):\n    decoder.conv_out.bias(.|\n)*unexpected keys \(1\):\n    "
                                        r"decoder.conv_out.bias_renamed"):
         pretrained.load_vae(tmp_path)
 

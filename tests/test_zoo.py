@@ -1,9 +1,13 @@
 """The model zoo: trained on first use, loaded from the cache after, and never a bad cache entry used."""
+import copy
 import json
+import re
+import shutil
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ldm_teach import zoo
 
@@ -66,10 +70,10 @@ def test_weights_for_other_settings_are_never_used(tiny_zoo, monkeypatch):
     manifest = json.loads(manifest_path.read_text())
     manifest["settings"]["version"] = "0.0.1"  # written by another version of the package
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(zoo.CacheError, match="other settings \\(version differ\\)"):
+    with pytest.raises(zoo.CacheError, match=r"other settings: version \(saved '0.0.1', now '\d"):
         zoo.tiny_vae("quick", retrain=False, device="cpu")
     monkeypatch.setitem(TINY_BUDGET, "vae", {**TINY_BUDGET["vae"], "steps": 4})  # a changed budget
-    with pytest.raises(zoo.CacheError, match="budget, version differ"):
+    with pytest.raises(zoo.CacheError, match=r"budget.steps \(saved 3, now 4\); version \(saved '0.0.1'"):
         zoo.tiny_vae("quick", retrain=False, device="cpu")
     with pytest.raises(zoo.CacheError, match="no shape_classifier is cached"):
         zoo.shape_classifier("quick", retrain=False)
@@ -80,9 +84,10 @@ def test_the_unet_is_retrained_when_its_vae_changes(tiny_zoo, monkeypatch):
     assert not (tiny_zoo / "unet-quick" / "checkpoint.safetensors").exists()
     assert same(unet, weights(zoo.tiny_unet("quick", retrain=False, device="cpu")))
     monkeypatch.setitem(TINY_BUDGET, "vae", {**TINY_BUDGET["vae"], "steps": 4})
-    with pytest.warns(UserWarning, match="budget differ"):
+    with pytest.warns(UserWarning, match=r"budget.steps \(saved 3, now 4\)"):
         zoo.tiny_vae("quick", device="cpu", progress=False)
-    with pytest.raises(zoo.CacheError, match="vae differ"):
+    with pytest.raises(zoo.CacheError, match=r"other settings: vae.config.scaling_factor \(saved [\d.]+, now [\d.]+\); "
+                                             r"vae.sha256 \(saved '[0-9a-f]{64}', now '[0-9a-f]{64}'\)"):
         zoo.tiny_unet("quick", retrain=False, device="cpu")
 
 
@@ -115,6 +120,12 @@ def test_an_interrupted_unet_training_resumes_the_same_run(tiny_zoo, monkeypatch
     with pytest.warns(UserWarning, match="checkpoint .* is not usable"):
         restarted = weights(zoo.tiny_unet("quick", device="cpu", progress=False))
     assert same(straight, restarted)
+    for finished in ("manifest.json", "model.safetensors"):
+        (tmp_path / "second_cache" / "unet-quick" / finished).unlink()
+    (checkpoint / "inside").mkdir(parents=True)  # a folder where the checkpoint belongs: removed, the run afresh
+    with pytest.warns(UserWarning, match="checkpoint .* is not usable"):
+        assert same(straight, weights(zoo.tiny_unet("quick", device="cpu", progress=False)))
+    assert not checkpoint.exists()
 
 
 def test_tiny_text_to_image_is_a_pipeline(tiny_zoo):
@@ -136,6 +147,160 @@ def test_a_unet_trained_in_view_is_cached_for_the_zoo(tiny_zoo):
     manifest = zoo.save_tiny_unet(trainer, vae, text_encoder, "quick")
     assert manifest["losses"] == trainer.losses and manifest["steps"] == TINY_BUDGET["unet"]["steps"]
     assert same(weights(trainer.ema), weights(zoo.tiny_unet("quick", retrain=False, device="cpu")))
+    other_vae = copy.deepcopy(vae)
+    other_vae.config.scaling_factor = 1.0
+    with pytest.raises(ValueError, match=r"vae.config.scaling_factor \(saved [\d.]+, now 1.0\)"):
+        zoo.save_tiny_unet(trainer, other_vae, text_encoder, "quick")  # not the VAE it was trained with
     trainer.step -= 1  # as if unfinished
-    with pytest.raises(ValueError, match="cache only a finished train_tiny_unet run"):
+    with pytest.raises(ValueError, match="ran 5 of 6 steps.*cache only a finished train_tiny_unet run"):
         zoo.save_tiny_unet(trainer, vae, text_encoder, "quick")
+
+
+def test_an_interrupted_unet_is_restarted_when_its_vae_or_text_encoder_changed(tiny_zoo, tmp_path, monkeypatch):
+    vae = zoo.tiny_vae("quick", device="cpu", progress=False)
+    text_encoder = zoo.tiny_text_encoder("quick", device="cpu", progress=False)
+    monkeypatch.setattr(zoo, "CHECKPOINT_EVERY", 3)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(Interrupted):
+        zoo.train_tiny_unet(vae, text_encoder, "quick", "cpu", callback=interrupt_at_step_3, callback_every=3,
+                            checkpoint_path=checkpoint, progress=False)
+    rescaled = copy.deepcopy(vae)  # the same weights, another scaling factor: other latents
+    rescaled.config.scaling_factor = 2 * vae.scaling_factor
+    with pytest.warns(UserWarning, match=rf"checkpoint .* is not usable(.|\n)*vae.config.scaling_factor "
+                                         rf"\(saved {vae.scaling_factor}, now {rescaled.scaling_factor}\)"):
+        restarted = zoo.train_tiny_unet(rescaled, text_encoder, "quick", "cpu", checkpoint_path=checkpoint,
+                                        progress=False)
+    straight = zoo.train_tiny_unet(rescaled, text_encoder, "quick", "cpu", progress=False)
+    assert restarted.losses == straight.losses and same(weights(restarted.ema), weights(straight.ema))
+
+    with pytest.raises(Interrupted):  # the whole zoo: a new text encoder while the U-Net's run was cut short
+        zoo.tiny_unet("quick", device="cpu", callback=interrupt_at_step_3, callback_every=3, progress=False)
+    monkeypatch.setitem(TINY_BUDGET, "text_encoder", {**TINY_BUDGET["text_encoder"], "steps": 3})
+    with pytest.warns(UserWarning) as caught:
+        unet = zoo.tiny_unet("quick", device="cpu", progress=False)
+    assert any(re.search(r"checkpoint .* is not usable(.|\n)*text_encoder.sha256", str(w.message)) for w in caught)
+    new_encoder = zoo.tiny_text_encoder("quick", retrain=False, device="cpu")
+    assert zoo.read_manifest("unet", "quick")["settings"]["text_encoder"] == zoo.fingerprint(new_encoder)
+    fresh = zoo.train_tiny_unet(vae, new_encoder, "quick", "cpu", progress=False)
+    assert same(weights(unet), weights(fresh.ema))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at_step_3(trainer):
+    if trainer.step == 3:
+        raise Interrupted
+
+
+def edit(path, change):
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+EDITS = {  # model: (fields to a value, what the CacheError must say)
+    "vae scaling factor": ("vae", ("config", "scaling_factor"), 5.0,
+                           r"config differs from the one saved with the weights: scaling_factor \(manifest 5.0, "
+                           r"weights file [\d.]+\)"),
+    "vae latent channels": ("vae", ("config", "latent_channels"), 8, r"latent_channels \(manifest 8, weights file 4\)"),
+    "vae budget": ("vae", ("settings", "budget", "images"), 99, r"budget.images \(saved 99, now 16\)"),
+    "held-out pairs": ("text_encoder", ("settings", "held_out_pairs"), [],
+                       r"held_out_pairs \(saved \[\], now \[\['green', 'triangle'\]"),
+    "text encoder seed": ("text_encoder", ("settings", "seed"), 7, r"seed \(saved 7, now 0\)"),
+    "the U-Net's VAE": ("unet", ("settings", "vae", "config", "scaling_factor"), 5.0,
+                        r"vae.config.scaling_factor \(saved 5.0, now [\d.]+\)"),
+    "the U-Net's caption dropout": ("unet", ("settings", "training", "caption_dropout"), 0.5,
+                                    r"training.caption_dropout \(saved 0.5, now 0.1\)"),
+    "the U-Net's config": ("unet", ("config", "block_out_channels"), [8, 8],
+                           r"block_out_channels \(manifest \[8, 8\], weights file \[32, 64\]\)"),
+}
+GETTERS = {"vae": zoo.tiny_vae, "text_encoder": zoo.tiny_text_encoder, "unet": zoo.tiny_unet}
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+def test_an_edited_manifest_field_is_never_used(tiny_zoo, field):
+    name, keys, value, message = EDITS[field]
+    get = GETTERS[name]
+    trained = weights(get("quick", device="cpu", progress=False))
+
+    def change(manifest):
+        record = manifest
+        for key in keys[:-1]:
+            record = record[key]
+        record[keys[-1]] = value
+
+    edit(tiny_zoo / f"{name}-quick" / "manifest.json", change)
+    with pytest.raises(zoo.CacheError, match=message):
+        get("quick", retrain=False, device="cpu")
+    with pytest.warns(UserWarning, match=message):
+        retrained = get("quick", device="cpu", progress=False)
+    assert same(trained, weights(retrained))  # seeded: the same model again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert same(trained, weights(get("quick", retrain=False, device="cpu")))
+
+
+def remove_weights_metadata(folder):
+    tensors = load_file(folder / "model.safetensors")
+    save_file(tensors, folder / "model.safetensors")  # no config inside
+    edit(folder / "manifest.json", lambda manifest: manifest.update(sha256=zoo.file_hash(folder / "model.safetensors")))
+
+
+def replace_by_folder(path):
+    path.unlink()
+    (path / "inside").mkdir(parents=True)
+
+
+DAMAGES = {  # what is done to the cached VAE's folder: (damage, what the CacheError with retrain=False says)
+    "manifest not JSON": (lambda f: (f / "manifest.json").write_text("{not json"), "unreadable"),
+    "manifest not UTF-8": (lambda f: (f / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable"),
+    "manifest a list": (lambda f: (f / "manifest.json").write_text("[]"), "holds a list, not a JSON object"),
+    "no hash": (lambda f: edit(f / "manifest.json", lambda m: m.pop("sha256")), "'sha256' is missing"),
+    "settings a string": (lambda f: edit(f / "manifest.json", lambda m: m.update(settings="quick")),
+                          "'settings' is missing or not a dict \\('quick'\\)"),
+    "config null": (lambda f: edit(f / "manifest.json", lambda m: m.update(config=None)),
+                    "'config' is missing or not a dict \\(None\\)"),
+    "manifest a folder": (lambda f: replace_by_folder(f / "manifest.json"), "unreadable"),
+    "weights a folder": (lambda f: replace_by_folder(f / "model.safetensors"), "does not match the hash"),
+    "weights without their config": (remove_weights_metadata, "not a zoo weights file with its config inside"),
+    "entry a file": (lambda f: (shutil.rmtree(f), f.write_text("not a folder")), "no vae is cached"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_retrain_recovers_from_any_damaged_entry(tiny_zoo, damage):
+    do, message = DAMAGES[damage]
+    trained = weights(zoo.tiny_vae("quick", device="cpu", progress=False))
+    do(tiny_zoo / "vae-quick")
+    with pytest.raises(zoo.CacheError, match=message):
+        zoo.tiny_vae("quick", retrain=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # warned, unless nothing usable was there at all
+        assert same(trained, weights(zoo.tiny_vae("quick", device="cpu", progress=False)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert same(trained, weights(zoo.tiny_vae("quick", retrain=False, device="cpu")))
+
+
+def test_an_interrupted_write_leaves_the_cached_entry_as_it_was(tiny_zoo, monkeypatch):
+    trained = weights(zoo.tiny_vae("quick", device="cpu", progress=False))
+    folder = tiny_zoo / "vae-quick"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    real_save_file = zoo.save_file
+
+    def failing_save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as file:
+            file.truncate(1000)  # half written ...
+        raise OSError(28, "No space left on device")  # ... when the disk filled up
+
+    monkeypatch.setattr(zoo, "save_file", failing_save_file)
+    budget = TINY_BUDGET["vae"]
+    monkeypatch.setitem(TINY_BUDGET, "vae", {**budget, "steps": 4})  # so that the zoo trains and writes again
+    with pytest.warns(UserWarning, match="budget.steps"), pytest.raises(OSError, match="No space left"):
+        zoo.tiny_vae("quick", device="cpu", progress=False)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no partial file left
+    monkeypatch.setitem(TINY_BUDGET, "vae", budget)
+    assert same(trained, weights(zoo.tiny_vae("quick", retrain=False, device="cpu")))

@@ -1,38 +1,22 @@
-"""Checkers for Chapter 07's exercises (editing and control), in the manner of ``exercises``.
-
-Each runs the learner's function and the package's on the same inputs, in float64 where there are
-tensors, checks that the inputs come back unchanged, prints its verdict with the scalar inputs of a
-failing case, and returns a ``CheckResult`` that is truthy when the function passes.
-"""
+"""Checkers for chapter 07's exercises (editing and control): the start step for a strength, one blending
+step, the 9-channel input, the skips a ControlNet steers (``base.compare`` does the comparing)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-from .editing import blend_known_region, inpainting_input, start_step
-from .exercises import CheckResult, _verdict, compare
+from ..editing import blend_known_region, inpainting_input, start_step
+from .base import CheckResult, compare, verdict
 
 
-def _inputs_unchanged(name: str, learner: Callable, cases: list[dict]) -> CheckResult | None:
-    """Run the learner on each case and report the first tensor input it changed in place (None: none changed)."""
-    for number, case in enumerate(cases, start=1):
-        copies = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in case.items()}
-        try:
-            learner(**copies)
-        except Exception:  # noqa: BLE001 - compare() reports the exception with its inputs
-            return None
-        for key, value in case.items():
-            if isinstance(value, torch.Tensor) and not torch.equal(copies[key], value):
-                return _verdict(False, f"{name}: your function changed its input `{key}` in place (case {number}); "
-                                       "compute a new tensor instead, the pipeline uses its inputs again.")
-    return None
-
-
-def check_start_step(learner: Callable) -> CheckResult:
+def check_start_step(learner: Callable, seed: int = 0) -> CheckResult:
     """Exercise (chapter 07): ``start_step(num_inference_steps, strength)`` -> how many of the schedule's
     first steps img2img skips, as diffusers' ``get_timesteps`` computes it."""
+    generator = torch.Generator().manual_seed(seed)
     cases = [(50, 0.8), (10, 0.55), (10, 1.0), (4, 0.3), (25, 0.5), (100, 0.29), (7, 0.99), (30, 0.35)]
+    cases += [(int(torch.randint(2, 200, (), generator=generator)), float(torch.rand((), generator=generator)) * 0.98 + 0.01)
+              for _ in range(4)]  # and a few the seed picks, so an answer cannot be a table of the fixed ones
     mistakes = {
         "rounding int(n · strength) to the nearest integer: diffusers truncates it with int()":
             lambda n, s: n - min(round(n * s), n),
@@ -41,24 +25,24 @@ def check_start_step(learner: Callable) -> CheckResult:
         "computing int(n · (1 − strength)): float rounding makes it differ from n − int(n · strength)":
             lambda n, s: int(n * (1 - s)),
     }
-    for n, strength in cases:
+    for number, (n, strength) in enumerate(cases, start=1):
         expected = start_step(n, strength)
         try:
             got = learner(n, strength)
         except Exception as error:  # the learner's code may fail in any way; report it, don't crash
-            return _verdict(False, f"start_step: your function raised {type(error).__name__}: {error} "
-                                   f"(num_inference_steps={n}, strength={strength}).")
+            return verdict(False, f"start_step: your function raised {type(error).__name__}: {error} "
+                                   f"(num_inference_steps={n}, strength={strength}).", "start_step", number, seed)
         if not isinstance(got, int) or isinstance(got, bool):
-            return _verdict(False, f"start_step: expected an int, got {type(got).__name__} "
-                                   f"(num_inference_steps={n}, strength={strength}).")
+            return verdict(False, f"start_step: expected an int, got {type(got).__name__} "
+                                   f"(num_inference_steps={n}, strength={strength}).", "start_step", number, seed)
         if got != expected:
             message = (f"start_step: num_inference_steps={n}, strength={strength}: expected {expected}, got {got}.")
             for mistake, wrong in mistakes.items():
                 if wrong(n, strength) == got:
                     message += f"\n  Hint: your result matches a common mistake: {mistake}."
                     break
-            return _verdict(False, message)
-    return _verdict(True, f"start_step: correct on {len(cases)} cases, float rounding included.")
+            return verdict(False, message, "start_step", number, seed)
+    return verdict(True, f"start_step: correct on {len(cases)} cases, float rounding included.", "start_step", None, seed)
 
 
 def reference_blend_step(latents, image_latents, noise, mask, scheduler, next_timestep):
@@ -70,7 +54,7 @@ def reference_blend_step(latents, image_latents, noise, mask, scheduler, next_ti
 
 def check_blend_step(learner: Callable, seed: int = 0) -> CheckResult:
     """Exercise (chapter 07): ``blend_step(latents, image_latents, noise, mask, scheduler, next_timestep)``."""
-    from .schedulers import DDIMScheduler
+    from ..schedulers import DDIMScheduler
 
     generator = torch.Generator().manual_seed(seed)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -92,10 +76,8 @@ def check_blend_step(learner: Callable, seed: int = 0) -> CheckResult:
         "the known region noised to the start (timestep 999) rather than to next_timestep":
             lambda **c: reference_blend_step(**{**c, "next_timestep": int(scheduler.timesteps[0])}),
     }
-    changed = _inputs_unchanged("blend_step", learner, cases)
-    if changed is not None:
-        return changed
-    return compare("blend_step", learner, reference_blend_step, cases, mistakes, atol=1e-10)
+    return compare("blend_step", learner, reference_blend_step, cases, mistakes, atol=1e-10,
+                   gradients=("latents", "image_latents"), seed=seed)
 
 
 def check_inpainting_input(learner: Callable, seed: int = 0) -> CheckResult:
@@ -112,10 +94,7 @@ def check_inpainting_input(learner: Callable, seed: int = 0) -> CheckResult:
         "the mask first: SD's order is latents (channels 0-3), mask (4), masked image latents (5-8)":
             lambda model_input, mask, masked_image_latents: torch.cat([mask, model_input, masked_image_latents], 1),
     }
-    changed = _inputs_unchanged("inpainting_input", learner, cases)
-    if changed is not None:
-        return changed
-    return compare("inpainting_input", learner, inpainting_input, cases, mistakes, atol=1e-12)
+    return compare("inpainting_input", learner, inpainting_input, cases, mistakes, atol=1e-12, seed=seed)
 
 
 def reference_controlled_skips(skips, down_residuals, conditioning_scale):
@@ -141,7 +120,5 @@ def check_controlled_skips(learner: Callable, seed: int = 0) -> CheckResult:
         "the skips scaled instead of the residuals":
             lambda skips, down_residuals, conditioning_scale: conditioning_scale * skips + down_residuals,
     }
-    changed = _inputs_unchanged("controlled_skips", learner, cases)
-    if changed is not None:
-        return changed
-    return compare("controlled_skips", learner, reference_controlled_skips, cases, mistakes, atol=1e-12)
+    return compare("controlled_skips", learner, reference_controlled_skips, cases, mistakes, atol=1e-12,
+                   gradients=("down_residuals",), seed=seed)
