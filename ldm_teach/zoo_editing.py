@@ -18,7 +18,7 @@ trained from, so a retrained base retrains these too.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
@@ -152,10 +152,10 @@ def tiny_inpainting(profile: str | None = None, retrain: bool = True, device=Non
 
         losses = fit(loss, list(unet.parameters()), len(images), budget["steps"], budget["batch_size"],
                      budget["learning_rate"], zoo.SEED, progress, "fine-tuning the tiny inpainting U-Net")
-        return unet.eval(), {"config": vars(unet.config), "losses": losses}
+        return unet.eval(), asdict(unet.config), {"losses": losses}
 
     unet, _ = zoo.cached("inpainting_unet", profile, settings,
-                         lambda manifest: UNet(type(base.unet.config)(**manifest["config"])), train_it, retrain)
+                         lambda saved: UNet(type(base.unet.config)(**saved)), train_it, retrain)
     return StableDiffusionInpaint(**{**base.components, "unet": unet.to(device).requires_grad_(False)})
 
 
@@ -194,10 +194,10 @@ def tiny_controlnet(profile: str | None = None, retrain: bool = True, device=Non
 
         losses = fit(loss, list(controlnet.parameters()), len(images), budget["steps"], budget["batch_size"],
                      budget["learning_rate"], zoo.SEED, progress, "training the tiny ControlNet")
-        return controlnet.eval(), {"losses": losses}
+        return controlnet.eval(), asdict(controlnet.config), {"losses": losses}
 
-    controlnet, _ = zoo.cached("controlnet", profile, json.loads(json.dumps(settings)),
-                               lambda manifest: ControlNet(config), train_it, retrain)
+    controlnet, _ = zoo.cached("controlnet", profile, settings,
+                               lambda saved: ControlNet(ControlNetConfig(**saved)), train_it, retrain)
     return StableDiffusionControlNet(**base.components, controlnet=controlnet.to(device).requires_grad_(False))
 
 
