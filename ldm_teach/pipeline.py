@@ -121,13 +121,25 @@ class StableDiffusion:
                 f"the U-Net cross-attends to {unet.config.cross_attention_dim}-wide text features, but the text "
                 f"encoder writes {text_encoder.config.hidden_size}-wide ones; use the text encoder it was trained with."
             )
+        self.check_unet_channels(unet, vae)
+        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    @staticmethod
+    def check_unet_channels(unet, vae) -> None:
+        """Text to image: the U-Net takes exactly the VAE's latents (inpainting accepts more, Chapter 07)."""
         if unet.config.in_channels != vae.config.latent_channels:
             raise ValueError(
                 f"the U-Net takes {unet.config.in_channels}-channel latents, but the VAE makes "
                 f"{vae.config.latent_channels}-channel ones; use the VAE it was trained with."
             )
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    @property
+    def components(self) -> dict:
+        """The models, tokenizer and scheduler by name, so ``OtherPipeline(**pipe.components)`` reuses them
+        (e.g. ``StableDiffusionImg2Img(**pipe.components)``, Chapter 07), as in diffusers."""
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer, "scheduler": self.scheduler}
 
     @property
     def device(self) -> torch.device:
@@ -300,3 +312,19 @@ class StableDiffusion:
                 )
             return options
         return {**options, "generator": generator}
+
+
+# --- the editing pipelines of Chapter 07 ----------------------------------------------------
+
+EDITING_PIPELINES = {"StableDiffusionImg2Img": "editing", "StableDiffusionInpaint": "editing",
+                     "StableDiffusionControlNet": "controlnet"}
+
+
+def __getattr__(name: str):
+    """``pipeline.StableDiffusionImg2Img`` and the other Chapter 07 pipelines, which live in ``editing.py``
+    and ``controlnet.py`` (they import this module, so they are imported on first use)."""
+    if name in EDITING_PIPELINES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{EDITING_PIPELINES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

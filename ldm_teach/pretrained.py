@@ -350,7 +350,8 @@ def pipeline_file_patterns(variant: str | None = None) -> list[str]:
     diffusers_weights = weights_file_name(SAFETENSORS_NAMES[0], variant)  # the U-Net's and the VAE's file name
     return ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
             "unet/config.json", f"unet/{diffusers_weights}", "vae/config.json", f"vae/{diffusers_weights}",
-            "text_encoder/config.json", f"text_encoder/{weights_file_name(SAFETENSORS_NAMES[1], variant)}"]
+            "text_encoder/config.json", f"text_encoder/{weights_file_name(SAFETENSORS_NAMES[1], variant)}",
+            "controlnet/config.json", f"controlnet/{diffusers_weights}"]  # ControlNet pipelines only (Chapter 07)
 
 
 def check_model_index(root: Path) -> None:
@@ -382,19 +383,24 @@ def load_pipeline(path_or_repo_id: str | os.PathLike, revision: str | None = Non
     writes) or a hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, of which only
     the files ``pipeline_file_patterns`` lists are downloaded, at ``revision`` (a branch, tag or
     commit hash: pin one for reproducible results). ``variant="fp16"`` reads the half-size weights
-    files; ``dtype`` and ``device`` say where the models then live.
+    files; ``dtype`` and ``device`` say where the models then live. The class returned is the one
+    ``model_index.json`` names: an inpainting folder gives a ``StableDiffusionInpaint``, a ControlNet
+    one (with its ``controlnet/``) a ``StableDiffusionControlNet``.
     """
     device = as_device(device)  # checked before any weights are read or downloaded
     root = resolve_folder(path_or_repo_id, None, revision, allow_patterns=pipeline_file_patterns(variant))
     check_model_index(root)
     weights = dict(dtype=dtype, device=device, variant=variant)
-    return StableDiffusion(
+    components = dict(
         unet=load_unet(root, "unet", **weights),
         vae=load_vae(root, "vae", **weights),
         text_encoder=load_text_encoder(root, "text_encoder", **weights),
         tokenizer=Tokenizer.from_folder(root / "tokenizer"),
         scheduler=scheduler_from_config(read_config(root / "scheduler", "scheduler_config.json")),
     )
+    from .pretrained_editing import pipeline_from_components  # the class model_index.json names (Chapter 07)
+
+    return pipeline_from_components(root, components, **weights)
 
 
 # --- single-file checkpoints (Chapter 06, section "Loading real weights") ------------------------
@@ -509,7 +515,8 @@ def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = N
                      vae_config: VAEConfig | None = None, text_encoder_config: TextEncoderConfig | None = None,
                      scheduler_config: dict | None = None, tokenizer: Tokenizer | None = None,
                      dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> StableDiffusion:
-    """Our ``StableDiffusion`` from one original-layout checkpoint (e.g. ``v1-5-pruned-emaonly.safetensors``).
+    """Our ``StableDiffusion`` from one original-layout checkpoint (e.g. ``v1-5-pruned-emaonly.safetensors``);
+    a ``StableDiffusionInpaint`` from an inpainting one (a U-Net of 9 input channels, ``sd-v1-5-inpainting``).
 
     The file holds weights only, so the architecture comes from the configs: SD 1.5's by default
     (``UNetConfig.sd15()``, ``VAEConfig.sd()``, ``TextEncoderConfig.sd15()``, SD 1.5's PNDM scheduler
@@ -522,7 +529,10 @@ def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = N
     if any(k.startswith("cond_stage_model.model.") for k in state_dict):
         raise ValueError(f"{path} has an OpenCLIP text encoder (cond_stage_model.model.*), as SD 2.x does; "
                          "load_single_file reads SD 1.x files. Use the diffusers-format repository with load_pipeline.")
-    configs = {"unet": unet_config or UNetConfig.sd15(), "vae": vae_config or VAEConfig.sd(),
+    if unet_config is None:  # SD 1.5's, with the file's input channels: 9 in an inpainting checkpoint (Chapter 07)
+        conv_in = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
+        unet_config = UNetConfig(in_channels=conv_in.shape[1] if conv_in is not None and conv_in.ndim == 4 else 4)
+    configs = {"unet": unet_config, "vae": vae_config or VAEConfig.sd(),
                "text_encoder": text_encoder_config or TextEncoderConfig.sd15()}
     classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": TextEncoder}
     models = {}
@@ -541,9 +551,12 @@ def load_single_file(path: str | os.PathLike, unet_config: UNetConfig | None = N
             else:
                 weights[key] = value  # listed as unexpected by the strict load
         models[name] = load_state_dict_strict(model, weights, f"{name} in {path}").to(device=device, dtype=dtype).eval()
-    return StableDiffusion(unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
-                           tokenizer=tokenizer or Tokenizer(),
-                           scheduler=scheduler_from_config(scheduler_config or SD15_SCHEDULER_CONFIG))
+    pipeline_class = StableDiffusion
+    if configs["unet"].in_channels != configs["vae"].latent_channels:  # an inpainting U-Net (Chapter 07)
+        from .editing import StableDiffusionInpaint as pipeline_class
+    return pipeline_class(unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
+                          tokenizer=tokenizer or Tokenizer(),
+                          scheduler=scheduler_from_config(scheduler_config or SD15_SCHEDULER_CONFIG))
 
 
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
@@ -556,3 +569,16 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
             original = prefix + original_key(key, model.config)
             tensors[original] = original_shape(original, value).detach().cpu().contiguous()
     save_file(tensors, Path(path))
+
+
+# --- Chapter 07's loaders, in pretrained_editing.py ---------------------------------------------
+
+
+def __getattr__(name: str):
+    """``pretrained.controlnet_from_diffusers`` and ``pretrained.load_controlnet`` (imported on first use:
+    ``pretrained_editing`` imports this module)."""
+    if name in ("controlnet_from_diffusers", "load_controlnet"):
+        from . import pretrained_editing
+
+        return getattr(pretrained_editing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -510,7 +510,11 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor | None = None,
+                down_residuals: list[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``down_residuals`` (one per skip) and ``mid_residual`` are a ControlNet's outputs, added to the
+        skips and to the middle block's output (Chapter 07, section "ControlNet"); None leaves them alone."""
         t = self.check_inputs(x, t, context)  # (B,)
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
@@ -522,6 +526,13 @@ class UNet(nn.Module):
             x, block_skips = block(x, time_emb, context)
             skips += block_skips
         x = self.mid_block(x, time_emb, context)  # (B, C_last, H / 2^(levels-1), W / 2^(levels-1))
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down_residuals were passed for the U-Net's {len(skips)} "
+                                 "skips; pass the ControlNet's outputs for this very U-Net config.")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, time_emb, context)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, out_channels, H, W)

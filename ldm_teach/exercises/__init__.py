@@ -9,6 +9,8 @@ from . import registry
 from .base import CheckResult, compare, compare_values
 from .clip import (check_bpe_merge, check_causal_attention, check_contrastive_loss, check_zero_shot,
                    reference_causal_attention, reference_zero_shot)
+from .editing import (check_blend_step, check_controlled_skips, check_inpainting_input, check_start_step,
+                      reference_blend_step, reference_controlled_skips)
 from .diffusion import check_ddim_step, check_posterior_mean, check_q_sample, reference_ddim_step
 from .inference import (check_decode_latents, check_denoising_loop, check_guidance, reference_decode,
                         reference_denoising_loop, reference_guidance)
@@ -27,7 +29,9 @@ __all__ = [
     "check_timestep_embedding", "check_cross_attention", "check_resblock_forward",
     "check_training_step", "check_caption_dropout", "check_ema_update",
     "check_guidance", "check_denoising_loop", "check_decode_latents",
+    "check_start_step", "check_blend_step", "check_inpainting_input", "check_controlled_skips",
     "reference_latent_shape", "reference_attention_bytes", "reference_trainable_parameters",
     "reference_ddim_step", "reference_scaling_factor", "reference_causal_attention", "reference_zero_shot",
     "reference_timestep_embedding", "reference_guidance", "reference_denoising_loop", "reference_decode",
+    "reference_blend_step", "reference_controlled_skips",
 ]

@@ -80,6 +80,14 @@ EXERCISES: tuple[Exercise, ...] = (
     _code("ex-decode", "06_inference", "Decoding latents", 10, "decode", "check_decode_latents",
           sources=("pipeline.StableDiffusion.__call__",)),
     Exercise("ex-spacing", "06_inference", "Leading and trailing timesteps", "open", 25),
+    _code("ex-start-step", "07_editing", "The start step for a strength", 10, "start_step", "check_start_step"),
+    _code("ex-blend-step", "07_editing", "One step of inpainting by blending", 15, "blend_step", "check_blend_step"),
+    _code("ex-inpainting-input", "07_editing", "The 9-channel input", 5, "inpainting_input",
+          "check_inpainting_input"),
+    _code("ex-controlled-skips", "07_editing", "The skips a ControlNet steers", 10, "controlled_skips",
+          "check_controlled_skips"),
+    Exercise("ex-img2img-mean", "07_editing", "Image to image with the posterior's mean", "open", 15),
+    Exercise("ex-edges", "07_editing", "Edges instead of silhouettes", "open", 30, needs_training=True),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
