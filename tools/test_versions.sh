@@ -30,8 +30,9 @@ shift
 PYTHON=${PYTHON:-python3.11}
 TORCH=${TORCH:-torch==2.13.0}
 # What the tests and `pytest --nbmake` need besides the pins (pyyaml: tools/build_book.py, which
-# tests/test_book.py imports); not jupyter-book, which only the book build needs.
-tools=(accelerate pytest pyyaml nbmake ipykernel)
+# tests/test_book.py imports; django-static-mathjax, whose files tests/test_book.py checks are served with
+# the book, pinned as in requirements.txt); not jupyter-book, which only the book build needs.
+tools=(accelerate pytest pyyaml nbmake ipykernel "$(grep -m1 "^django-static-mathjax" requirements.txt)")
 
 venv=.venvs/$name
 spec="$("$PYTHON" --version 2>&1) $TORCH ${pins[*]} ${tools[*]}"
