@@ -94,7 +94,8 @@ class StableDiffusionXL(EditingPipeline):
     # --- the steps of a call ---------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_with_both(self, prompts: list[str], prompts_2: list[str], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_with_both(self, prompts: list[str], prompts_2: list[str],
+                         what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Both encoders' penultimate layers side by side (B, 77, D1 + D2), and bigG's pooled projection (B, P)."""
         features = []
         for tokenizer, encoder, texts in ((self.tokenizer, self.text_encoder, prompts),

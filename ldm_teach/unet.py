@@ -596,8 +596,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"context has shape {tuple(context.shape)}, but this U-Net's cross-attention takes "
                 f"({x.shape[0]}, L, {config.cross_attention_dim}): one row of token features per latent, "
-                f"{config.cross_attention_dim} wide (SD 1.x: CLIP ViT-L/14, 768; SD 2.x: OpenCLIP ViT-H, 1024). "
-                "Use the text encoder that matches this U-Net."
+                f"{config.cross_attention_dim} wide (SD 1.x: CLIP ViT-L/14, 768; SD 2.x: OpenCLIP ViT-H, 1024; "
+                "SDXL: both encoders side by side, 2048). Use the text encoder that matches this U-Net."
             )
         weight = self.conv_in.weight
         if (x.device, x.dtype) != (weight.device, weight.dtype) or context.dtype != weight.dtype:

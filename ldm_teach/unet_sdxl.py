@@ -109,5 +109,6 @@ def micro_conditioning(original_size: tuple[int, int], crops_coords_top_left: tu
     numbers = [*original_size, *crops_coords_top_left, *target_size]
     if len(numbers) != 6:
         raise ValueError(f"original_size={original_size}, crops_coords_top_left={crops_coords_top_left} and "
-                         f"target_size={target_size} must be two numbers each, e.g. (1024, 1024), (0, 0), (1024, 1024).")
+                         f"target_size={target_size} must be two numbers each, e.g. (1024, 1024), (0, 0) and "
+                         "(1024, 1024).")
     return torch.tensor([numbers] * batch, dtype=dtype, device=device)  # (batch, 6)
