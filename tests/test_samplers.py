@@ -1,13 +1,14 @@
-"""Karras σ (ldm_teach.sigmas, the Euler and DPM-Solver++ option)
+"""Karras σ (ldm_teach.sigmas, the Euler and DPM-Solver++ option) and Euler ancestral (ldm_teach.samplers)
 against diffusers' schedulers step by step and inside seeded pipelines; bad input."""
 import re
+import warnings
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 
-from ldm_teach import pretrained, schedulers
+from ldm_teach import pretrained, samplers, schedulers
 from ldm_teach.sigmas import karras_sigmas, sigma_to_timestep
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, num_train_timesteps=1000)
@@ -16,7 +17,8 @@ PREDICTIONS = ["epsilon", "v_prediction"]
 STEPS = [1, 2, 10, 25, 50, 100]  # 50 and 100: DPM-Solver++ with Karras σ visits its smallest timesteps twice
 SHAPE = (2, 4, 8, 8)
 KARRAS = {"EulerDiscreteScheduler": dict(use_karras_sigmas=True),
-          "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)}
+          "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2),
+          "EulerAncestralDiscreteScheduler": {}}
 
 
 def make_pair(name, config):
@@ -131,6 +133,74 @@ def test_karras_formula_and_the_map_back_to_timesteps():
     np.testing.assert_allclose(t, [0, 2, 1.5, 0, 3])  # exact, halfway in log σ, clipped at both ends
 
 
+# --- Euler ancestral ------------------------------------------------------------------------
+
+
+def test_euler_ancestral_is_registered_and_round_trips_its_config():
+    reference = diffusers.EulerAncestralDiscreteScheduler.from_config({**SD15, "timestep_spacing": "trailing"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = pretrained.scheduler_from_diffusers(reference)
+    assert isinstance(ours, samplers.EulerAncestralDiscreteScheduler)
+    assert {key: reference.config[key] for key in ours.config} == dict(ours.config)
+    from_json = pretrained.scheduler_from_config({"_class_name": "EulerAncestralDiscreteScheduler", **SD15})
+    assert isinstance(from_json, samplers.EulerAncestralDiscreteScheduler)
+    assert "EulerAncestralDiscreteScheduler" in pretrained.PIPELINE_COMPONENTS["scheduler"]
+
+
+def test_euler_ancestral_seeded_runs_match_diffusers_and_depend_on_the_seed():
+    """Independent seeded runs, each with its own generator: the same final sample as diffusers'; another seed
+    lands elsewhere; a list of generators draws sample i's noise from generator i, as randn_tensor does."""
+    ours, reference = make_pair("EulerAncestralDiscreteScheduler", {**SD15, "timestep_spacing": "leading"})
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+    def run(scheduler, generator, step):
+        scheduler.set_timesteps(20)
+        x = start * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = step(fake_model(scheduler.scale_model_input(x, t), t), t, x, generator=generator)
+        return x
+
+    theirs = run(reference, torch.Generator().manual_seed(5), lambda *a, **k: reference.step(*a, **k).prev_sample)
+    mine = run(ours, torch.Generator().manual_seed(5), ours.step)
+    assert (mine - theirs).abs().max() <= 1e-5
+    assert (run(ours, torch.Generator().manual_seed(6), ours.step) - mine).abs().max() > 0.01
+    listed = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    theirs = run(reference, listed, lambda *a, **k: reference.step(*a, **k).prev_sample)
+    mine = run(ours, [torch.Generator().manual_seed(s) for s in (5, 6)], ours.step)
+    assert (mine - theirs).abs().max() <= 1e-5
+
+
+def test_load_pipeline_reads_an_euler_ancestral_folder(tiny_diffusers_pipeline, tmp_path):
+    """A folder that diffusers' save_pretrained wrote with Euler ancestral: model_index.json and
+    scheduler_config.json name the class, and load_pipeline builds ours with the same config."""
+    reference, _ = tiny_diffusers_pipeline
+    euler_a = diffusers.EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
+    diffusers.StableDiffusionPipeline(**{**reference.components, "scheduler": euler_a}).save_pretrained(tmp_path)
+    ours = pretrained.load_pipeline(tmp_path)
+    assert type(ours.scheduler) is samplers.EulerAncestralDiscreteScheduler
+    assert dict(ours.scheduler.config) == {key: euler_a.config[key] for key in ours.scheduler.config}
+    assert ours.scheduler.config.steps_offset == 1 and ours.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_ancestral_split_lands_on_the_next_level():
+    sigma_from, sigma_to = torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    sigma_up, sigma_down = samplers.ancestral_sigmas(sigma_from, sigma_to)
+    assert float(sigma_up) == pytest.approx((4 * 5 / 9) ** 0.5) and float(sigma_down) < 2.0
+    assert float(sigma_up**2 + sigma_down**2) == pytest.approx(4.0)
+    assert samplers.ancestral_sigmas(torch.tensor(3.0), torch.tensor(0.0)) == (0.0, 0.0)
+
+
+def test_euler_ancestral_ignores_karras_sigmas_as_diffusers_does_and_warns():
+    euler_karras = diffusers.EulerDiscreteScheduler.from_config({**SD15, "use_karras_sigmas": True})
+    reference = diffusers.EulerAncestralDiscreteScheduler.from_config(euler_karras.config)
+    with pytest.warns(UserWarning, match="ignores use_karras_sigmas=True, as diffusers"):
+        ours = pretrained.scheduler_from_diffusers(reference)
+    ours.set_timesteps(10)
+    reference.set_timesteps(10)
+    assert torch.equal(ours.sigmas, reference.sigmas) and torch.equal(ours.timesteps, reference.timesteps)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
@@ -172,3 +242,21 @@ def test_euler_own_range_upside_down_fails_before_anything_changes():
     with pytest.raises(ValueError, match="sigma_min=10.0 and sigma_max=1.0"):
         scheduler.set_timesteps(10)
     assert scheduler.timesteps is None  # nothing half-set
+
+
+def test_euler_ancestral_bad_input():
+    with pytest.raises(ValueError, match=r"prediction_type='sample'; use one of \('epsilon', 'v_prediction'\)"):
+        samplers.EulerAncestralDiscreteScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match=r"rescale_betas_zero_snr=True is not supported"):
+        samplers.EulerAncestralDiscreteScheduler(rescale_betas_zero_snr=True)
+    scheduler = samplers.EulerAncestralDiscreteScheduler(**SD15)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        scheduler.step(x, 999, x)
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"t=500 is not one of this scheduler's 10 timesteps"):
+        scheduler.step(x, 500, x)
+    with pytest.raises(ValueError, match=r"3 generators were passed for a batch of 2"):
+        scheduler.step(x, scheduler.timesteps[0], x, generator=[torch.Generator()] * 3)
+    with pytest.raises(ValueError, match=r"begin_index=10 is past the last of the 10 timesteps"):
+        scheduler.set_begin_index(10)
