@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_teach import pretrained, samplers, schedulers
+from ldm_teach import editing, pretrained, samplers, schedulers
 from ldm_teach.sigmas import karras_sigmas, sigma_to_timestep
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, num_train_timesteps=1000)
@@ -260,3 +260,60 @@ def test_euler_ancestral_bad_input():
         scheduler.step(x, scheduler.timesteps[0], x, generator=[torch.Generator()] * 3)
     with pytest.raises(ValueError, match=r"begin_index=10 is past the last of the 10 timesteps"):
         scheduler.set_begin_index(10)
+
+
+# --- in the pipelines: 50 Karras steps, where DPM-Solver++ visits t = 1 twice ----------------
+
+TOLERANCE = 3e-3  # DESIGN.md's bar for seeded images
+PROMPTS = ["a red circle at the top left", "a small blue square"]
+
+
+@pytest.fixture(scope="module")
+def dpm_karras_pipelines(tiny_diffusers_pipeline):
+    """diffusers' text-to-image, img2img and inpainting (blending) pipelines and ours on the shared tiny weights,
+    all with DPM++ 2M Karras (SD 1.5's config)."""
+    reference, folder = tiny_diffusers_pipeline
+    config = {**SD15, **KARRAS["DPMSolverMultistepScheduler"], "timestep_spacing": "leading"}
+    ours = pretrained.load_pipeline(folder)
+    pairs = {}
+    for kind, theirs_class, ours_class in [("text", diffusers.StableDiffusionPipeline, type(ours)),
+                                           ("img2img", diffusers.StableDiffusionImg2ImgPipeline, editing.StableDiffusionImg2Img),
+                                           ("inpaint", diffusers.StableDiffusionInpaintPipeline, editing.StableDiffusionInpaint)]:
+        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
+        theirs = theirs_class(**{**reference.components, "scheduler": scheduler})
+        theirs.set_progress_bar_config(disable=True)
+        pairs[kind] = theirs, ours_class(**{**ours.components, "scheduler": pretrained.scheduler_from_diffusers(scheduler)})
+    return pairs
+
+
+def images_of_both(pair, **options):
+    theirs, mine = pair
+    a = theirs(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="np", **options).images
+    b = mine(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="np", progress=False, **options).images
+    assert b.shape == a.shape and b.std() > 0.01 and np.abs(b[0] - b[1]).max() > 0.01  # real, different images
+    return a, b
+
+
+def test_fifty_dpm_karras_steps_match_diffusers(dpm_karras_pipelines):
+    a, b = images_of_both(dpm_karras_pipelines["text"], num_inference_steps=50, guidance_scale=7.5, height=32, width=32)
+    assert np.abs(a - b).max() < TOLERANCE
+
+
+def test_img2img_starting_at_a_repeated_timestep_matches_diffusers(dpm_karras_pipelines):
+    """strength 0.05 of 50 steps starts at position 48, the second visit of t = 1: the scheduler must be told
+    (set_begin_index, as diffusers' pipeline tells it), since looking t = 1 up would give position 47."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a, b = images_of_both(dpm_karras_pipelines["img2img"], image=images, strength=0.05, num_inference_steps=50,
+                          guidance_scale=7.5)
+    assert np.abs(a - b).max() < TOLERANCE
+    assert dpm_karras_pipelines["img2img"][1].scheduler.step_index == 50  # started at 48, took two steps
+
+
+def test_inpainting_blends_at_the_counted_sigma(dpm_karras_pipelines):
+    """Blending noises the known region to the next step's σ; at the repeated t = 1 that is the counter's σ."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:24, 4:20] = 1.0
+    a, b = images_of_both(dpm_karras_pipelines["inpaint"], image=images, mask_image=masks, strength=1.0,
+                          num_inference_steps=50, guidance_scale=7.5, height=32, width=32)
+    assert np.abs(a - b).max() < TOLERANCE
