@@ -20,6 +20,8 @@ beside the other: on the same inputs every step agrees with diffusers' to float3
 and stochastic steps draw their noise exactly as diffusers does (same generator calls, same
 shape and dtype, same order), so a seeded run repeats diffusers' seeded run. Where diffusers
 has a quirk (DDIM's previous timestep, PNDM's repeated timestep), we reproduce it and say so.
+Chapter 08 adds Karras et al.'s noise levels to Euler and DPM-Solver++ (``use_karras_sigmas``,
+computed in ``sigmas.py``) and Euler ancestral (``samplers.py``).
 """
 from __future__ import annotations
 
@@ -529,7 +531,8 @@ class SigmaScheduler(Scheduler):
 
     @classmethod
     def read_config(cls, config: dict) -> dict:
-        """The common checks, plus the σ-schedule keys: ``use_karras_sigmas`` a bool, ``sigma_min``/``sigma_max`` numbers."""
+        """The common checks, plus the σ-schedule keys: ``use_karras_sigmas`` a bool, ``sigma_min`` and
+        ``sigma_max`` non-negative numbers (or None)."""
         values = super().read_config(config)
         if "use_karras_sigmas" in values:
             values["use_karras_sigmas"] = as_bool(values["use_karras_sigmas"], "use_karras_sigmas")
@@ -568,7 +571,8 @@ class SigmaScheduler(Scheduler):
 
         (Without ``set_begin_index``, diffusers takes the *second* place of a repeated timestep for
         the first step, a rule meant for img2img; it makes DPM-Solver++ with Karras σ on the cosine
-        schedule, whose first timesteps repeat, skip a σ and fail. Our pipelines set the begin index.)
+        schedule, whose first timesteps repeat, skip a σ and fail. Our editing pipelines, like
+        diffusers', set the begin index.)
         """
         self.check_ready()
         value = torch.as_tensor(t).cpu().reshape(-1)[0]

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       PNDMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       UNet2DConditionModel)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionInpaintPipeline, UNet2DConditionModel)
 from PIL import Image
 
 from ldm_teach import pretrained

@@ -150,7 +150,8 @@ def test_velocity_mistakes():
 
     result = checks.check_velocity(sign_error)
     assert not result and "the sign flipped" in result.message
-    result = checks.check_velocity(lambda x0, noise, t, alphas_cumprod: diffusion.velocity(noise, x0, t, alphas_cumprod))
+    result = checks.check_velocity(lambda x0, noise, t, alphas_cumprod:  # the arguments swapped
+                                   diffusion.velocity(noise, x0, t, alphas_cumprod))
     assert not result and "ε and x_0 swapped" in result.message
     result = checks.check_velocity(lambda x0, noise, t, alphas_cumprod:
                                    diffusion.velocity(x0, noise, t, alphas_cumprod).detach())

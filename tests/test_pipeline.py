@@ -96,8 +96,9 @@ def test_generator_lists_and_images_per_prompt(pipelines):
     assert np.abs(alone[0] - mine[3]).max() < 1e-5
 
 
-@pytest.mark.parametrize("scheduler_class, extra", [(DDIMScheduler, dict(eta=0.7)), (DDPMScheduler, {}),
-                                                    (EulerAncestralDiscreteScheduler, {})], ids=["DDIM", "DDPM", "Euler-a"])
+@pytest.mark.parametrize("scheduler_class, extra",
+                         [(DDIMScheduler, dict(eta=0.7)), (DDPMScheduler, {}), (EulerAncestralDiscreteScheduler, {})],
+                         ids=["DDIM", "DDPM", "Euler-a"])
 def test_stochastic_steps_draw_noise_like_diffusers(pipelines, scheduler_class, extra):
     """One generator, and a list of one per image: each step's noise drawn as diffusers' randn_tensor draws it."""
     reference, ours = pipelines = use_scheduler(pipelines, scheduler_class)

@@ -276,13 +276,15 @@ def dpm_karras_pipelines(tiny_diffusers_pipeline):
     config = {**SD15, **KARRAS["DPMSolverMultistepScheduler"], "timestep_spacing": "leading"}
     ours = pretrained.load_pipeline(folder)
     pairs = {}
-    for kind, theirs_class, ours_class in [("text", diffusers.StableDiffusionPipeline, type(ours)),
-                                           ("img2img", diffusers.StableDiffusionImg2ImgPipeline, editing.StableDiffusionImg2Img),
-                                           ("inpaint", diffusers.StableDiffusionInpaintPipeline, editing.StableDiffusionInpaint)]:
+    classes = {"text": (diffusers.StableDiffusionPipeline, type(ours)),
+               "img2img": (diffusers.StableDiffusionImg2ImgPipeline, editing.StableDiffusionImg2Img),
+               "inpaint": (diffusers.StableDiffusionInpaintPipeline, editing.StableDiffusionInpaint)}
+    for kind, (theirs_class, ours_class) in classes.items():
         scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
         theirs = theirs_class(**{**reference.components, "scheduler": scheduler})
         theirs.set_progress_bar_config(disable=True)
-        pairs[kind] = theirs, ours_class(**{**ours.components, "scheduler": pretrained.scheduler_from_diffusers(scheduler)})
+        ours_scheduler = pretrained.scheduler_from_diffusers(scheduler)
+        pairs[kind] = theirs, ours_class(**{**ours.components, "scheduler": ours_scheduler})
     return pairs
 
 
