@@ -24,8 +24,7 @@ from .checks import as_device, check_finite_weights
 from .clip import TextEncoder, TextEncoderConfig, Tokenizer
 from .files import read_checkpoint, read_json, read_safetensors
 from .pipeline import StableDiffusion
-from .samplers import ALL_SCHEDULERS
-from .schedulers import Scheduler
+from .schedulers import SCHEDULERS, Scheduler
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -271,12 +270,12 @@ def scheduler_from_config(config: dict) -> Scheduler:
     if class_name is None:
         raise ValueError(f"the scheduler config has no '_class_name' (its keys: {sorted(config)}); a diffusers "
                          "scheduler_config.json names its class, e.g. {'_class_name': 'PNDMScheduler', ...}.")
-    if class_name not in ALL_SCHEDULERS:
+    if class_name not in SCHEDULERS:
         raise ValueError(
-            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(ALL_SCHEDULERS)}. "
+            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(SCHEDULERS)}. "
             "Swap in one of them, e.g. config['_class_name'] = 'DDIMScheduler' (their configs share keys)."
         )
-    return ALL_SCHEDULERS[class_name](**config)
+    return SCHEDULERS[class_name](**config)
 
 
 def scheduler_from_diffusers(scheduler) -> Scheduler:
@@ -347,7 +346,7 @@ PIPELINE_COMPONENTS = {
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
-    "scheduler": tuple(ALL_SCHEDULERS),
+    "scheduler": tuple(SCHEDULERS),
 }
 
 
