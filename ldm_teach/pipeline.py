@@ -314,16 +314,15 @@ class StableDiffusion:
         return {**options, "generator": generator}
 
 
-# --- the editing pipelines of Chapter 07 and SDXL (Chapter 08) ---------------------------------
+# --- the editing pipelines of Chapter 07 ----------------------------------------------------
 
 EDITING_PIPELINES = {"StableDiffusionImg2Img": "editing", "StableDiffusionInpaint": "editing",
-                     "StableDiffusionControlNet": "controlnet", "StableDiffusionXL": "pipeline_sdxl"}
+                     "StableDiffusionControlNet": "controlnet"}
 
 
 def __getattr__(name: str):
     """``pipeline.StableDiffusionImg2Img`` and the other Chapter 07 pipelines, which live in ``editing.py``
-    and ``controlnet.py``, and Chapter 08's ``StableDiffusionXL`` (``pipeline_sdxl.py``); they import this
-    module, so they are imported on first use."""
+    and ``controlnet.py`` (they import this module, so they are imported on first use)."""
     if name in EDITING_PIPELINES:
         import importlib
 
