@@ -314,15 +314,16 @@ class StableDiffusion:
         return {**options, "generator": generator}
 
 
-# --- the editing pipelines of Chapter 07 ----------------------------------------------------
+# --- the editing pipelines of Chapter 07 and SDXL (Chapter 08) ---------------------------------
 
 EDITING_PIPELINES = {"StableDiffusionImg2Img": "editing", "StableDiffusionInpaint": "editing",
-                     "StableDiffusionControlNet": "controlnet"}
+                     "StableDiffusionControlNet": "controlnet", "StableDiffusionXL": "pipeline_sdxl"}
 
 
 def __getattr__(name: str):
     """``pipeline.StableDiffusionImg2Img`` and the other Chapter 07 pipelines, which live in ``editing.py``
-    and ``controlnet.py`` (they import this module, so they are imported on first use)."""
+    and ``controlnet.py``, and Chapter 08's ``StableDiffusionXL`` (``pipeline_sdxl.py``); they import this
+    module, so they are imported on first use."""
     if name in EDITING_PIPELINES:
         import importlib
 
