@@ -24,7 +24,8 @@ from .checks import as_device, check_finite_weights
 from .clip import TextEncoder, TextEncoderConfig, Tokenizer
 from .files import read_checkpoint, read_json, read_safetensors
 from .pipeline import StableDiffusion
-from .schedulers import SCHEDULERS, Scheduler
+from .samplers import ALL_SCHEDULERS
+from .schedulers import Scheduler
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -270,12 +271,12 @@ def scheduler_from_config(config: dict) -> Scheduler:
     if class_name is None:
         raise ValueError(f"the scheduler config has no '_class_name' (its keys: {sorted(config)}); a diffusers "
                          "scheduler_config.json names its class, e.g. {'_class_name': 'PNDMScheduler', ...}.")
-    if class_name not in SCHEDULERS:
+    if class_name not in ALL_SCHEDULERS:
         raise ValueError(
-            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(SCHEDULERS)}. "
+            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(ALL_SCHEDULERS)}. "
             "Swap in one of them, e.g. config['_class_name'] = 'DDIMScheduler' (their configs share keys)."
         )
-    return SCHEDULERS[class_name](**config)
+    return ALL_SCHEDULERS[class_name](**config)
 
 
 def scheduler_from_diffusers(scheduler) -> Scheduler:
@@ -346,7 +347,7 @@ PIPELINE_COMPONENTS = {
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
-    "scheduler": tuple(SCHEDULERS),
+    "scheduler": tuple(ALL_SCHEDULERS),
 }
 
 
