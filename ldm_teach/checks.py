@@ -48,6 +48,16 @@ def as_float(value, name: str) -> float:
     return value
 
 
+def as_bool(value, name: str) -> bool:
+    """``value`` as a Python bool: True, False and NumPy bools pass; None (diffusers' "unset") is False;
+    numbers and strings are refused, so ``"false"`` cannot switch a feature on."""
+    if value is None:
+        return False
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) is not a bool; pass {name}=True or {name}=False.")
+    return bool(value)
+
+
 def check_generator(generator, name: str = "generator"):
     """None, a ``torch.Generator`` or a list of them; a seed (an int) gets the line that makes a generator."""
     generators = generator if isinstance(generator, (list, tuple)) else [generator]

@@ -9,7 +9,9 @@ Chapter 03 builds this file top to bottom:
    that it reads a special token written in capitals, ``<|ENDOFTEXT|>``, as the special token);
 2. the **text encoder** (chapter 03): token plus position embeddings, a stack of pre-LayerNorm
    transformer blocks with a causal mask, a final LayerNorm. Stable Diffusion feeds the U-Net all
-   77 of its output vectors, not a single pooled one (section 03.4);
+   77 of its output vectors, not a single pooled one (section 03.4); SDXL (chapter 08) takes a
+   layer's output before the last and, from its second encoder, the pooled and projected vector
+   too (``TextEncoder.encode``);
 3. a **tiny CLIP** (section 03.1): a small ViT image encoder, projections into a shared space and
    the symmetric contrastive loss, small enough to train in the chapter.
 """
@@ -281,8 +283,9 @@ class Tokenizer:
 # transformers' CLIPTextConfig defaults, for keys a config.json leaves out.
 TRANSFORMERS_TEXT_DEFAULTS = dict(
     vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407,
 )
+TRANSFORMERS_PROJECTION_DIM = 512  # CLIPTextConfig's default projection_dim
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
@@ -299,7 +302,13 @@ def check_transformer_shape(config) -> None:
 
 @dataclass
 class TextEncoderConfig:
-    """The shape of a CLIP text transformer; the defaults are SD 1.x's (OpenAI ViT-L/14's text half)."""
+    """The shape of a CLIP text transformer; the defaults are SD 1.x's (OpenAI ViT-L/14's text half).
+
+    ``projection_dim`` set adds ``text_projection``, as in transformers' CLIPTextModelWithProjection
+    (SDXL's second encoder: 1280). ``eos_token_id`` says where the pooled vector is read: the first
+    end token, except for configs that say 2 (written before transformers fixed the id; SD's and
+    SDXL's say 2), where it is the largest id in the row, which is the end token in CLIP's vocabulary.
+    """
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -309,6 +318,8 @@ class TextEncoderConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None
+    eos_token_id: int = 49407
 
     def __post_init__(self):
         check_transformer_shape(self)
@@ -326,15 +337,30 @@ class TextEncoderConfig:
                    hidden_act="gelu")
 
     @classmethod
+    def sdxl_bigg(cls) -> "TextEncoderConfig":
+        """SDXL's second text encoder (the refiner's only one): OpenCLIP ViT-bigG/14's text transformer,
+        32 layers, 1280 wide, exact GELU, projected to 1280. SDXL's first encoder is SD 1.x's."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280, eos_token_id=2)
+
+    @classmethod
     def tiny(cls) -> "TextEncoderConfig":
         """A 2-layer, 64-wide encoder over the full vocabulary, for training in a chapter and for tests."""
         return cls(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
     @classmethod
-    def from_transformers_config(cls, config: dict) -> "TextEncoderConfig":
-        """From a CLIPTextConfig as a dict (``config.json``, or ``model.config.to_dict()``)."""
+    def from_transformers_config(cls, config: dict, with_projection: bool | None = None) -> "TextEncoderConfig":
+        """From a CLIPTextConfig as a dict (``config.json``, or ``model.config.to_dict()``).
+
+        ``with_projection`` says whether the model is a CLIPTextModelWithProjection; None reads it
+        from the config's ``architectures``, which ``save_pretrained`` writes.
+        """
+        if with_projection is None:
+            with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
         config = config.get("text_config", config)  # a whole CLIPConfig holds the text part under "text_config"
-        return cls(**{key: config.get(key, default) for key, default in TRANSFORMERS_TEXT_DEFAULTS.items()})
+        projection_dim = config.get("projection_dim", TRANSFORMERS_PROJECTION_DIM) if with_projection else None
+        return cls(**{key: config.get(key, default) for key, default in TRANSFORMERS_TEXT_DEFAULTS.items()},
+                   projection_dim=projection_dim)
 
 
 class SelfAttention(nn.Module):
@@ -389,12 +415,29 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+@dataclass
+class TextEncoderOutput:
+    """Everything ``TextEncoder.encode`` computes, under transformers' names.
+
+    ``hidden_states`` holds the embeddings and each layer's output (num_hidden_layers + 1 tensors
+    (B, L, D), before the final LayerNorm): SDXL conditions on ``hidden_states[-2]``.
+    ``pooler_output`` (B, D) is the end token's row of ``last_hidden_state``; ``text_embeds``
+    (B, projection_dim) its projection, None without ``text_projection``.
+    """
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...]
+    pooler_output: torch.Tensor
+    text_embeds: torch.Tensor | None
+
+
 class TextEncoder(nn.Module):
     """CLIP's text transformer: ids (B, L) -> per-token features (B, L, D) after the final LayerNorm.
 
     The mask is causal, as in a language model: the feature at position i depends only on tokens
     0..i. So everything before the end token is unaffected by the padding after it, and the end
     token's feature has seen the whole prompt (it is the one CLIP pools; chapter 03, section "The text encoder").
+    ``encode`` returns also every layer's output and the pooled vector (chapter 08, SDXL).
     """
 
     def __init__(self, config: TextEncoderConfig):
@@ -404,8 +447,37 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.text_projection = None
+        if config.projection_dim is not None:  # CLIPTextModelWithProjection (SDXL's second encoder)
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> the last layer's features after the final LayerNorm (B, L, D)."""
+        self.check_ids(input_ids)
+        return self.final_layer_norm(self.run_layers(input_ids)[-1])  # (B, L, D)
+
+    def encode(self, input_ids: torch.Tensor) -> TextEncoderOutput:
+        """ids (B, L) -> every layer's output, the final features, the pooled vector and its projection."""
+        self.check_ids(input_ids)
+        hidden_states = self.run_layers(input_ids)
+        last_hidden_state = self.final_layer_norm(hidden_states[-1])  # (B, L, D)
+        ids = input_ids.int()
+        end = ids.argmax(dim=1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(1)
+        pooled = last_hidden_state[torch.arange(len(ids), device=ids.device), end]  # (B, D)
+        text_embeds = None if self.text_projection is None else self.text_projection(pooled)  # (B, projection_dim)
+        return TextEncoderOutput(last_hidden_state, hidden_states, pooled, text_embeds)
+
+    def run_layers(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The embeddings and each layer's output, (num_hidden_layers + 1) x (B, L, D)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
+        hidden_states = [x]
+        for layer in self.layers:
+            hidden_states.append(layer(hidden_states[-1], causal=True))
+        return tuple(hidden_states)
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse ids the encoder cannot read, saying why."""
         check_tensor(input_ids, "input_ids", finite=False)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -421,11 +493,6 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); is the tokenizer's vocabulary this model's?"
             )
-        positions = torch.arange(L, device=input_ids.device)
-        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
-        for layer in self.layers:
-            x = layer(x, causal=True)
-        return self.final_layer_norm(x)  # (B, L, D)
 
 
 # --- a tiny CLIP (section 03.1) ------------------------------------------------------------

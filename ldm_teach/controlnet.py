@@ -102,7 +102,8 @@ class ControlNetConfig:
     def from_diffusers_config(cls, config: dict) -> ControlNetConfig:
         """Our config from a diffusers ``ControlNetModel`` config, refusing options we do not implement."""
         ours = {f.name for f in fields(cls)}
-        only_at = {**SUPPORTED_ONLY_AT, "global_pool_conditions": False}
+        only_at = {**SUPPORTED_ONLY_AT, "global_pool_conditions": False, "addition_embed_type": None,
+                   "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None}  # not SDXL's
         unsupported = []
         for key, value in config.items():
             if key in ours or key.startswith("_") or key in IGNORED_DIFFUSERS_KEYS:

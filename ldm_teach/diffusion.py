@@ -116,6 +116,21 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor, alpha
     return sqrt_alpha_prod * x0 + sqrt_one_minus_alpha_prod * noise
 
 
+def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022), diffusers' ``get_velocity``.
+
+    Where x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε moves along a circle as t grows, v is its velocity: a
+    target that stays of size one at every t, where predicting ε tells little at high noise and
+    predicting x_0 little at low noise. SD 2.x's 768-pixel models predict it (Chapter 08).
+    x0 and noise (B, ...); t an int or a (B,) tensor.
+    """
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has shape {tuple(x0.shape)}; "
+                         "pass the noise that was added to this x0.")
+    alpha_prod = _per_sample(alphas_cumprod, t, x0)  # (B, 1, 1, ...)
+    return alpha_prod**0.5 * noise - (1 - alpha_prod) ** 0.5 * x0
+
+
 def q_step(x_prev: torch.Tensor, t: int, noise: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     """One forward step: x_t = √(1 - β_t) x_{t-1} + √β_t ε, the definition q_sample shortcuts."""
     beta = betas[t].to(x_prev.dtype)
@@ -194,11 +209,7 @@ def diffusion_loss(
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     prediction = model(x_t, t, *model_args, **model_kwargs)
-    if prediction_type == "epsilon":
-        target = noise
-    else:
-        alpha_prod = _per_sample(alphas_cumprod, t, x0)
-        target = alpha_prod**0.5 * noise - (1 - alpha_prod) ** 0.5 * x0
+    target = noise if prediction_type == "epsilon" else velocity(x0, noise, t, alphas_cumprod)
     return F.mse_loss(prediction, target)
 
 

@@ -169,7 +169,11 @@ class EditingPipeline(StableDiffusion):
                              f"pass one {name} for all of them, or {batch_size}.")
 
     def start_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """The scheduler's timesteps from ``start_step`` on (call after ``scheduler.set_timesteps``)."""
+        """The scheduler's timesteps from ``start_step`` on (call after ``scheduler.set_timesteps``).
+
+        A scheduler that counts its steps (the σ-schedulers) is told where the loop starts, as
+        diffusers' editing pipelines tell it, since with Karras σ a timestep can come twice.
+        """
         first = start_step(num_inference_steps, strength)
         timesteps = self.scheduler.timesteps[first:]
         if first >= num_inference_steps:
@@ -178,6 +182,8 @@ class EditingPipeline(StableDiffusion):
                 f"{strength}) = 0 denoising steps, which leaves the image unchanged; raise strength or "
                 f"num_inference_steps so that their product is at least 1."
             )
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(first)
         return timesteps
 
     def encode_context(self, prompts: list[str], negatives: list[str], guided: bool,

@@ -28,7 +28,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checks import as_device, as_float, as_int, check_callable, check_generator, check_tensor
-from .schedulers import DDPMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -299,30 +298,26 @@ class StableDiffusion:
                              "move them together with pipe.to(device, dtype).")
 
     def step_options(self, generator, eta: float) -> dict:
-        """The scheduler's extra ``step`` arguments: DDIM's ``eta``, and the generator for stochastic steps."""
+        """The scheduler's extra ``step`` arguments, picked as diffusers' pipelines pick them: DDIM's ``eta``,
+        and the generator (one, or one per image) for the steps that draw noise (DDPM, DDIM with eta > 0,
+        Euler ancestral), so that a seeded run draws diffusers' numbers."""
         parameters = inspect.signature(self.scheduler.step).parameters
         options = {"eta": eta} if "eta" in parameters else {}
-        stochastic = isinstance(self.scheduler, DDPMScheduler) or options.get("eta", 0) > 0
-        if isinstance(generator, (list, tuple)):
-            if stochastic:
-                raise ValueError(
-                    f"{type(self.scheduler).__name__} draws noise at every step from one generator; a list of "
-                    "generators only seeds the starting latents. Pass one generator, or use a deterministic "
-                    "scheduler (DDIM with eta=0, PNDM, Euler, DPM-Solver++)."
-                )
-            return options
-        return {**options, "generator": generator}
+        if "generator" in parameters:
+            options["generator"] = generator
+        return options
 
 
-# --- the editing pipelines of Chapter 07 ----------------------------------------------------
+# --- the editing pipelines of Chapter 07 and SDXL (Chapter 08) ---------------------------------
 
 EDITING_PIPELINES = {"StableDiffusionImg2Img": "editing", "StableDiffusionInpaint": "editing",
-                     "StableDiffusionControlNet": "controlnet"}
+                     "StableDiffusionControlNet": "controlnet", "StableDiffusionXL": "pipeline_sdxl"}
 
 
 def __getattr__(name: str):
     """``pipeline.StableDiffusionImg2Img`` and the other Chapter 07 pipelines, which live in ``editing.py``
-    and ``controlnet.py`` (they import this module, so they are imported on first use)."""
+    and ``controlnet.py``, and Chapter 08's ``StableDiffusionXL`` (``pipeline_sdxl.py``); they import this
+    module, so they are imported on first use."""
     if name in EDITING_PIPELINES:
         import importlib
 

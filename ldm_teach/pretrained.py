@@ -24,7 +24,8 @@ from .checks import as_device, check_finite_weights
 from .clip import TextEncoder, TextEncoderConfig, Tokenizer
 from .files import read_checkpoint, read_json, read_safetensors
 from .pipeline import StableDiffusion
-from .schedulers import SCHEDULERS, Scheduler
+from .samplers import ALL_SCHEDULERS
+from .schedulers import Scheduler
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -270,12 +271,12 @@ def scheduler_from_config(config: dict) -> Scheduler:
     if class_name is None:
         raise ValueError(f"the scheduler config has no '_class_name' (its keys: {sorted(config)}); a diffusers "
                          "scheduler_config.json names its class, e.g. {'_class_name': 'PNDMScheduler', ...}.")
-    if class_name not in SCHEDULERS:
+    if class_name not in ALL_SCHEDULERS:
         raise ValueError(
-            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(SCHEDULERS)}. "
+            f"scheduler class {class_name!r} is not implemented in ldm_teach; supported: {sorted(ALL_SCHEDULERS)}. "
             "Swap in one of them, e.g. config['_class_name'] = 'DDIMScheduler' (their configs share keys)."
         )
-    return SCHEDULERS[class_name](**config)
+    return ALL_SCHEDULERS[class_name](**config)
 
 
 def scheduler_from_diffusers(scheduler) -> Scheduler:
@@ -288,7 +289,8 @@ def scheduler_from_diffusers(scheduler) -> Scheduler:
 # transformers' CLIPTextModel nests its weights as text_model.embeddings.*, text_model.encoder.layers.*
 # and text_model.final_layer_norm.*; ours sit one level up (token_embedding, layers.0..., final_layer_norm).
 # Folders written by transformers 5.6 and later drop the "text_model." prefix; SD checkpoints and older
-# transformers keep it.
+# transformers keep it, and so does CLIPTextModelWithProjection (SDXL's second encoder), whose
+# text_projection.weight sits outside text_model in every version and keeps its name.
 TEXT_ENCODER_PREFIXES = ("text_model.", "embeddings.", "encoder.")
 # Older transformers saved the position ids 0..76 as a buffer; they are recomputed, not weights.
 TEXT_ENCODER_IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
@@ -301,18 +303,21 @@ def text_encoder_key(transformers_key: str) -> str:
     return transformers_key
 
 
-def _text_encoder_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], what: str) -> TextEncoder:
+def _text_encoder_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], what: str,
+                                  with_projection: bool | None = None) -> TextEncoder:
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
-        text_encoder = TextEncoder(TextEncoderConfig.from_transformers_config(config))
+        text_encoder = TextEncoder(TextEncoderConfig.from_transformers_config(config, with_projection))
     weights = {text_encoder_key(k): v for k, v in state_dict.items() if k not in TEXT_ENCODER_IGNORED_KEYS}
     return load_state_dict_strict(text_encoder, weights, what)
 
 
 def text_encoder_from_transformers(model) -> TextEncoder:
-    """Our ``TextEncoder`` with the config and (copied) weights of a transformers ``CLIPTextModel``,
-    on its device and dtype."""
+    """Our ``TextEncoder`` with the config and (copied) weights of a transformers ``CLIPTextModel`` or
+    ``CLIPTextModelWithProjection`` (then with its ``text_projection``), on its device and dtype."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return _text_encoder_from_state_dict(model.config.to_dict(), weights, "transformers CLIPTextModel").eval()
+    with_projection = hasattr(model, "text_projection")
+    return _text_encoder_from_state_dict(model.config.to_dict(), weights, f"transformers {type(model).__name__}",
+                                         with_projection).eval()
 
 
 def load_text_encoder(path_or_repo_id: str | os.PathLike, subfolder: str | None = "text_encoder",
@@ -320,9 +325,11 @@ def load_text_encoder(path_or_repo_id: str | os.PathLike, subfolder: str | None 
                       device: str | torch.device | None = None, variant: str | None = None) -> TextEncoder:
     """Our ``TextEncoder`` from a transformers-format folder or hub id (``config.json`` plus ``model.safetensors``).
 
-    ``subfolder="text_encoder"`` reads the text encoder of a whole pipeline; a local folder with
-    its own ``config.json`` and no ``text_encoder/`` inside (what ``CLIPTextModel.save_pretrained``
-    writes) is read as a text encoder folder. ``variant="fp16"`` reads ``model.fp16.safetensors``.
+    ``subfolder="text_encoder"`` reads the text encoder of a whole pipeline (``"text_encoder_2"``
+    SDXL's second); a local folder with its own ``config.json`` and no ``text_encoder/`` inside (what
+    ``CLIPTextModel.save_pretrained`` writes) is read as a text encoder folder. A config whose
+    ``architectures`` is ``CLIPTextModelWithProjection`` gives an encoder with its ``text_projection``.
+    ``variant="fp16"`` reads ``model.fp16.safetensors``.
     """
     device = as_device(device)  # checked before any weights are read or downloaded
     folder = component_folder(path_or_repo_id, subfolder, revision, weights_file_name(SAFETENSORS_NAMES[1], variant))
@@ -340,7 +347,7 @@ PIPELINE_COMPONENTS = {
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
-    "scheduler": tuple(SCHEDULERS),
+    "scheduler": tuple(ALL_SCHEDULERS),
 }
 
 

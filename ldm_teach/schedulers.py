@@ -20,6 +20,8 @@ beside the other: on the same inputs every step agrees with diffusers' to float3
 and stochastic steps draw their noise exactly as diffusers does (same generator calls, same
 shape and dtype, same order), so a seeded run repeats diffusers' seeded run. Where diffusers
 has a quirk (DDIM's previous timestep, PNDM's repeated timestep), we reproduce it and say so.
+Chapter 08 adds Karras et al.'s noise levels to Euler and DPM-Solver++ (``use_karras_sigmas``,
+computed in ``sigmas.py``) and Euler ancestral (``samplers.py``).
 """
 from __future__ import annotations
 
@@ -28,18 +30,27 @@ import warnings
 import numpy as np
 import torch
 
-from .checks import as_float, as_int
+from .checks import as_bool, as_float, as_int
 from .diffusion import BETA_SCHEDULES, alphas_cumprod_from_betas, check_betas, make_betas, q_sample
+from .sigmas import karras_sigmas, sigma_to_timestep
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
-def draw_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Standard normal noise shaped like ``like``, drawn as diffusers' ``randn_tensor`` draws it.
 
     The noise comes from the generator's device (a CPU generator draws on the CPU, and the
     result is moved), in ``like``'s dtype, so the same seed gives the same numbers as diffusers.
+    A list of generators, one per sample of the batch, draws sample i's noise from generator i.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators were passed for a batch of {like.shape[0]}; pass one "
+                             "generator, or one per sample.")
+        if len(generator) > 1:
+            return torch.cat([draw_noise(like[i:i + 1], one) for i, one in enumerate(generator)])  # (B, ...)
+        generator = generator[0]
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -105,7 +116,7 @@ COMMON_DEFAULTS = {
 # diffusers keys that ldm_teach does not implement, with the one value (diffusers' default,
 # the value that turns the feature off) that we accept.
 THRESHOLDING_DEFAULTS = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
-SIGMA_SCHEDULE_DEFAULTS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+SIGMA_SCHEDULE_DEFAULTS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}  # (Karras σ are implemented)
 
 
 class Scheduler:
@@ -202,9 +213,12 @@ class Scheduler:
     def index_for_timestep(self, t) -> int:
         """The position of t in ``self.timesteps`` (the first, if it is there twice)."""
         self.check_ready()
-        matches = (self.timesteps.cpu() == torch.as_tensor(t).cpu().reshape(-1)[0]).nonzero()
+        value = torch.as_tensor(t).cpu().reshape(-1)[0]
+        matches = (self.timesteps.cpu() == value).nonzero()
         if len(matches) == 0:
-            raise ValueError(f"t={t} is not one of this scheduler's timesteps; pass values from scheduler.timesteps.")
+            shown = ", ".join(f"{v:g}" for v in self.timesteps[:5].tolist())
+            raise ValueError(f"t={value.item():g} is not one of this scheduler's {len(self.timesteps)} timesteps "
+                             f"({shown}, ...); pass values from scheduler.timesteps.")
         return matches[0].item()
 
     @staticmethod
@@ -501,7 +515,80 @@ def interpolate_sigmas(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
 
 
-class EulerDiscreteScheduler(Scheduler):
+class SigmaScheduler(Scheduler):
+    """What the σ-parameterised samplers share: Euler, DPM-Solver++ and Chapter 08's Euler ancestral.
+
+    Each visited timestep has its noise level σ = √((1 - ᾱ_t) / ᾱ_t) in ``self.sigmas``, which
+    holds one more: the level the last step lands on. A step counter (``step_index``, as in
+    diffusers) says which σ belongs to the current step, because a timestep can come twice:
+    Karras σ (``use_karras_sigmas``, see ``sigmas.py``) rounded to whole timesteps repeat the
+    smallest ones, e.g. DPM-Solver++ with 50 steps visits t = 1 twice, at two different σ.
+    """
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.step_index = None  # the position in ``timesteps`` of the next step
+
+    @classmethod
+    def read_config(cls, config: dict) -> dict:
+        """The common checks, plus the σ-schedule keys: ``use_karras_sigmas`` a bool, ``sigma_min`` and
+        ``sigma_max`` non-negative numbers (or None)."""
+        values = super().read_config(config)
+        if "use_karras_sigmas" in values:
+            values["use_karras_sigmas"] = as_bool(values["use_karras_sigmas"], "use_karras_sigmas")
+        for key in ("sigma_min", "sigma_max"):
+            if values.get(key) is not None:
+                values[key] = as_float(values[key], key)
+                if values[key] < 0:
+                    raise ValueError(f"{key}={values[key]} is a noise level and cannot be negative; pass a "
+                                     f"positive {key}, or None for the trained schedule's own.")
+        return values
+
+    def training_sigmas(self) -> np.ndarray:
+        """σ_t of the T training timesteps, (T,) float32, smallest (t = 0) first."""
+        return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+
+    def use_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, device=None) -> None:
+        """Keep n timesteps and their n + 1 noise levels (float32), and restart the step counter."""
+        self.num_inference_steps = len(timesteps)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.sigmas = torch.from_numpy(sigmas.astype(np.float32))  # (n + 1,)
+        self.step_index = None
+
+    def set_begin_index(self, begin_index: int) -> None:
+        """Start at position ``begin_index`` of ``timesteps`` (img2img skips the first steps), as diffusers'
+        pipelines tell their schedulers; call it after ``set_timesteps``."""
+        self.check_ready()
+        begin_index = as_int(begin_index, "begin_index", minimum=0)
+        if begin_index >= len(self.timesteps):
+            raise ValueError(f"begin_index={begin_index} is past the last of the {len(self.timesteps)} timesteps; "
+                             f"pass a position from 0 to {len(self.timesteps) - 1}.")
+        self.step_index = begin_index
+
+    def sigma_index(self, t) -> int:
+        """The position of the step at timestep t: the step counter's when t is the timestep it expects,
+        otherwise the first place t has in ``timesteps``.
+
+        (Without ``set_begin_index``, diffusers takes the *second* place of a repeated timestep for
+        the first step, a rule meant for img2img; it makes DPM-Solver++ with Karras σ on the cosine
+        schedule, whose first timesteps repeat, skip a σ and fail. Our editing pipelines, like
+        diffusers', set the begin index.)
+        """
+        self.check_ready()
+        value = torch.as_tensor(t).cpu().reshape(-1)[0]
+        if self.step_index is not None and self.step_index < len(self.timesteps) \
+                and self.timesteps[self.step_index].cpu() == value:
+            return self.step_index
+        return self.index_for_timestep(t)
+
+    def sigmas_for(self, t, like: torch.Tensor) -> torch.Tensor:
+        """σ at each of the timesteps t (one per sample, or one for all), shaped to broadcast against ``like``."""
+        t = torch.as_tensor(t).reshape(-1)
+        sigma = self.sigmas[[self.sigma_index(step) for step in t]].to(like.device, like.dtype)
+        return sigma.reshape(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, ...)
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
     """Euler's method on the probability-flow ODE, written in σ (Karras et al. 2022, "k-diffusion").
 
     Rescale the noisy sample as x = x_t / √ᾱ_t; then x = x_0 + σ ε with σ_t = √((1 - ᾱ_t) / ᾱ_t),
@@ -512,13 +599,16 @@ class EulerDiscreteScheduler(Scheduler):
     Sampling starts from pure noise of standard deviation σ_max (``init_noise_sigma``), and
     the model, trained on x_t, sees x / √(σ² + 1) (``scale_model_input``). Timesteps may be
     fractional (``linspace`` spacing, the default); σ is interpolated between training steps,
-    and the last σ is 0 (``final_sigmas_type="zero"``) or σ_0 (``"sigma_min"``).
-    Chapter 01, section "Samplers as ODE solvers: Euler".
+    and the last σ is 0 (``final_sigmas_type="zero"``) or σ_0 (``"sigma_min"``). With
+    ``use_karras_sigmas=True`` the n levels are Karras et al.'s, between the spaced schedule's
+    first and last σ (or ``sigma_max`` and ``sigma_min`` when given), and the timesteps the
+    fractional ones they map back to (Chapter 08). Chapter 01, section "Samplers as ODE solvers: Euler".
     """
 
-    config_defaults = {**COMMON_DEFAULTS, "timestep_spacing": "linspace", "final_sigmas_type": "zero"}
-    unsupported_defaults = {**SIGMA_SCHEDULE_DEFAULTS, "interpolation_type": "linear", "sigma_min": None,
-                            "sigma_max": None, "timestep_type": "discrete", "rescale_betas_zero_snr": False}
+    config_defaults = {**COMMON_DEFAULTS, "timestep_spacing": "linspace", "final_sigmas_type": "zero",
+                       "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None}
+    unsupported_defaults = {**SIGMA_SCHEDULE_DEFAULTS, "interpolation_type": "linear", "timestep_type": "discrete",
+                            "rescale_betas_zero_snr": False}
     choices = {"prediction_type": ("epsilon", "v_prediction", "sample"), "final_sigmas_type": ("zero", "sigma_min")}
 
     def __init__(self, **config):
@@ -536,46 +626,52 @@ class EulerDiscreteScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The n (float) timesteps and their n + 1 sigmas, the last one final."""
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
         timesteps = spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
                                      self.config.num_train_timesteps, self.config.steps_offset).astype(np.float32)
-        training_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # (T,)
+        training_sigmas = self.training_sigmas()  # (T,)
         sigmas = interpolate_sigmas(timesteps, training_sigmas)  # (n,)
+        if self.config.use_karras_sigmas:
+            sigma_min = sigmas[-1] if self.config.sigma_min is None else self.config.sigma_min
+            sigma_max = sigmas[0] if self.config.sigma_max is None else self.config.sigma_max
+            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)  # (n,)
+            timesteps = sigma_to_timestep(sigmas, np.log(training_sigmas)).astype(np.float32)  # (n,), fractional
         final_sigma = training_sigmas[0] if self.config.final_sigmas_type == "sigma_min" else 0
-        sigmas = np.concatenate([sigmas, [final_sigma]]).astype(np.float32)  # (n + 1,)
-        self.sigmas = torch.from_numpy(sigmas)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.use_schedule(timesteps, np.concatenate([sigmas, [final_sigma]]), device)  # n + 1 sigmas
 
     def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
         """x / √(σ² + 1): back from the σ-parameterisation to the x_t the model was trained on."""
-        sigma = self.sigmas[self.index_for_timestep(t)]
+        sigma = self.sigmas[self.sigma_index(t)]
         return x / (sigma**2 + 1) ** 0.5
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One Euler step from σ_i to σ_{i+1} (deterministic; ``generator`` is unused)."""
         self.check_step_inputs(model_output, x)
-        index = self.index_for_timestep(t)
+        index = self.sigma_index(t)
         sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         x = x.to(torch.float32)
-        if self.config.prediction_type == "epsilon":
-            x0 = x - sigma * model_output
-        elif self.config.prediction_type == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        else:
-            x0 = model_output
+        x0 = self.predict_x0(model_output, x, sigma)
         derivative = (x - x0) / sigma
         x_next = x + derivative * (sigma_next - sigma)
+        self.step_index = index + 1
         return x_next.to(model_output.dtype)
+
+    def predict_x0(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂_0 from the model's output at noise level σ, for x = x_0 + σ ε (the σ-parameterised sample).
+
+        epsilon: x - σ ε̂;  v_prediction: x / (σ² + 1) - σ / √(σ² + 1) · v̂;  sample: the output itself.
+        """
+        if self.config.prediction_type == "epsilon":
+            return x - sigma * model_output
+        if self.config.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        return model_output
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """x_0 + σ_t ε, in the σ-parameterisation (t from ``self.timesteps``, one per sample or one for all)."""
-        t = torch.as_tensor(t).reshape(-1)
-        sigma = self.sigmas[[self.index_for_timestep(step) for step in t]].to(x0.device, x0.dtype)
-        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, ...)
-        return x0 + noise * sigma
+        return x0 + noise * self.sigmas_for(t, x0)
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(SigmaScheduler):
     """DPM-Solver++(2M): a second-order multistep solver of the diffusion ODE (Lu et al. 2022).
 
     With α_t = √ᾱ_t, σ_t = √(1 - ᾱ_t) and the half log-SNR λ_t = log(α_t / σ_t), the ODE in
@@ -588,11 +684,14 @@ class DPMSolverMultistepScheduler(Scheduler):
     (midpoint rule): D = x̂_0(s) + (1 / 2r) (x̂_0(s) - x̂_0(s')), r = h_prev / h, and puts D in
     place of x̂_0. The first step has no history and is first order; the last one is too when
     it lands on σ = 0 or, with ``lower_order_final``, when there are fewer than 15 steps.
-    Twenty steps usually look as good as PNDM's fifty. Chapter 01, section "DPM-Solver++".
+    Twenty steps usually look as good as PNDM's fifty. With ``use_karras_sigmas=True`` (A1111's
+    "DPM++ 2M Karras", Chapter 08) the n levels are Karras et al.'s over the whole trained range
+    and the timesteps the whole ones nearest to them. Chapter 01, section "DPM-Solver++".
     """
 
     config_defaults = {**COMMON_DEFAULTS, "timestep_spacing": "linspace", "solver_order": 2,
-                       "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero"}
+                       "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero",
+                       "use_karras_sigmas": False}
     unsupported_defaults = {**THRESHOLDING_DEFAULTS, **SIGMA_SCHEDULE_DEFAULTS, "algorithm_type": "dpmsolver++",
                             "solver_type": "midpoint", "use_lu_lambdas": False, "use_flow_sigmas": False,
                             "flow_shift": 1.0, "lambda_min_clipped": -float("inf"), "variance_type": None,
@@ -607,9 +706,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.previous_x0 = None  # x̂_0 of the step before, for the second-order update
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """n timesteps out of n + 1 spaced points (the last, t = 0, is replaced by the final σ)."""
+        """n timesteps out of n + 1 spaced points (the last, t = 0, is replaced by the final σ), or
+        with ``use_karras_sigmas`` n Karras levels from σ_{T-1} to σ_0 (the spacing is not used) and
+        their timesteps, rounded, so that the smallest can repeat (truncated by the integer cast for
+        the cosine schedule, as diffusers does)."""
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
         T, n, spacing = self.config.num_train_timesteps, num_inference_steps, self.config.timestep_spacing
         if spacing == "linspace":
             timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
@@ -617,12 +718,16 @@ class DPMSolverMultistepScheduler(Scheduler):
             timesteps = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + self.config.steps_offset
         else:
             timesteps = spaced_timesteps("trailing", n, T)
-        timesteps = timesteps.astype(np.int64)
-        training_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # (T,)
-        sigmas = interpolate_sigmas(timesteps, training_sigmas)  # (n,)
+        training_sigmas = self.training_sigmas()  # (T,)
+        if self.config.use_karras_sigmas:
+            sigmas = karras_sigmas(training_sigmas[0], training_sigmas[-1], n)  # (n,)
+            timesteps = sigma_to_timestep(sigmas, np.log(training_sigmas))
+            if self.config.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        else:
+            sigmas = interpolate_sigmas(timesteps.astype(np.int64), training_sigmas)  # (n,)
         final_sigma = training_sigmas[0] if self.config.final_sigmas_type == "sigma_min" else 0
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32))  # (n + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.use_schedule(timesteps.astype(np.int64), np.concatenate([sigmas, [final_sigma]]), device)  # n + 1 sigmas
         self.previous_x0 = None
 
     @staticmethod
@@ -634,7 +739,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One DPM-Solver++ step from timestep t to the next (deterministic; ``generator`` is unused)."""
         self.check_step_inputs(model_output, x)
-        index = self.index_for_timestep(t)
+        index = self.sigma_index(t)
         n = len(self.timesteps)
         alpha_s, sigma_s = self.alpha_sigma(self.sigmas[index])
         alpha_t, sigma_t = self.alpha_sigma(self.sigmas[index + 1])
@@ -670,14 +775,12 @@ class DPMSolverMultistepScheduler(Scheduler):
                 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
             )
         self.previous_x0 = x0
+        self.step_index = index + 1
         return x_next.to(model_output.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """α_t x_0 + σ_t ε with σ from ``self.sigmas`` (t from ``self.timesteps``)."""
-        t = torch.as_tensor(t).reshape(-1)
-        sigma = self.sigmas[[self.index_for_timestep(step) for step in t]].to(x0.device, x0.dtype)
-        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, ...)
-        alpha_t, sigma_t = self.alpha_sigma(sigma)
+        alpha_t, sigma_t = self.alpha_sigma(self.sigmas_for(t, x0))
         return alpha_t * x0 + sigma_t * noise
 
 

@@ -11,6 +11,10 @@ Chapter 04 builds this file top to bottom:
    up path that concatenates the down path's skips (4.5);
 6. ``capture_cross_attention``: which pixels looked at which word (4.6).
 
+Chapter 08 adds SDXL's options: levels without attention, deeper transformers, and the added
+conditioning on the pooled prompt and the image sizes (``addition_embed_type="text_time"``,
+built in ``unet_sdxl.py``).
+
 Module names follow diffusers' ``UNet2DConditionModel`` (``down_blocks.0.resnets.1.conv1``, ...)
 so that its checkpoints load with a few readable renames (``pretrained.unet_key_from_diffusers``).
 """
@@ -63,6 +67,10 @@ class UNetConfig:
     upcast_attention: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # SDXL (Chapter 08): "text_time" adds the pooled prompt and the size numbers to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoidal features per size number (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + numbers x 256 (SDXL: 2816)
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim",
@@ -92,6 +100,14 @@ class UNetConfig:
                     f"{self.norm_num_groups} groups and {heads} attention heads."
                 )
         self.per_level("transformer_layers_per_block")
+        self.upcast_attention = bool(self.upcast_attention)  # SDXL's config.json says null
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not implemented: use None "
+                             "(SD 1.x / 2.x) or 'text_time' (SDXL's pooled prompt and size numbers).")
+        widths = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type == "text_time" and not all(isinstance(w, int) and w > 0 for w in widths):
+            raise ValueError(f"addition_embed_type='text_time' needs positive ints addition_time_embed_dim and "
+                             f"projection_class_embeddings_input_dim, got {widths} (SDXL base: 256 and 2816).")
 
     def per_level(self, name: str) -> tuple:
         """The field ``name`` as one value per level (an int is repeated)."""
@@ -118,7 +134,8 @@ class UNetConfig:
     @classmethod
     def sd2(cls) -> UNetConfig:
         """Stable Diffusion 2.x (stabilityai/stable-diffusion-2-1): OpenCLIP ViT-H context, 1024 wide,
-        heads of 64 channels (5, 10, 20, 20 heads), linear projections, attention upcast to float32."""
+        heads of 64 channels (5, 10, 20, 20 heads), linear projections, attention upcast to float32.
+        SDXL's configs are ``unet_sdxl.sdxl_base()`` and ``unet_sdxl.sdxl_refiner()``."""
         return cls(sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                    use_linear_projection=True, upcast_attention=True)
 
@@ -151,24 +168,24 @@ class UNetConfig:
                 unsupported.append(f"{key}={value!r} (only {SUPPORTED_ONLY_AT[key]!r} is supported)")
         if unsupported:
             raise ValueError("this U-Net does not implement these config values: " + "; ".join(unsupported)
-                             + ". ldm_teach supports the SD 1.x / 2.x text-to-image U-Net.")
+                             + ". ldm_teach supports the SD 1.x / 2.x and SDXL text-to-image U-Nets.")
         return cls(**{key: value for key, value in config.items() if key in ours})
 
 
-# diffusers options that ldm_teach implements only at their SD 1.x/2.x value.
+# diffusers options that ldm_teach implements only at their SD 1.x/2.x/XL value.
 SUPPORTED_ONLY_AT = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu",
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "class_embed_type": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
-# diffusers options with no effect on this U-Net (it only matters when addition_embed_type is set).
+# diffusers options with no effect on this U-Net (the heads of addition_embed_type="text", which it refuses).
 IGNORED_DIFFUSERS_KEYS = {"addition_embed_type_num_heads"}
 
 
@@ -480,7 +497,8 @@ class UNet(nn.Module):
     """The conditional U-Net: ``unet(x, t, context)`` predicts the noise in latents x (Chapter 04, section 4.5).
 
     x (B, in_channels, H, W), t an int or a (B,) tensor of timesteps, context (B, L,
-    cross_attention_dim) the text encoder's token features -> (B, out_channels, H, W).
+    cross_attention_dim) the text encoder's token features -> (B, out_channels, H, W). An SDXL
+    U-Net also takes ``added_cond_kwargs``, the pooled prompt and the size numbers (``unet_sdxl``).
     """
 
     def __init__(self, config: UNetConfig):
@@ -490,6 +508,11 @@ class UNet(nn.Module):
         time_dim = 4 * channels[0]
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], time_dim)
+        self.add_embedding = None
+        if config.addition_embed_type == "text_time":  # SDXL (Chapter 08); imported here: unet_sdxl imports us
+            from .unet_sdxl import TextTimeEmbedding
+
+            self.add_embedding = TextTimeEmbedding(config, time_dim)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [channels[0]]  # the width of every map the down path keeps, in order
@@ -511,14 +534,21 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor | None = None,
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None,
                 down_residuals: list[torch.Tensor] | None = None,
                 mid_residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``down_residuals`` (one per skip) and ``mid_residual`` are a ControlNet's outputs, added to the
+        """``added_cond_kwargs`` is SDXL's ``{"text_embeds": (B, 1280), "time_ids": (B, 6)}`` (Chapter 08).
+        ``down_residuals`` (one per skip) and ``mid_residual`` are a ControlNet's outputs, added to the
         skips and to the middle block's output (Chapter 07, section "ControlNet"); None leaves them alone."""
         t = self.check_inputs(x, t, context)  # (B,)
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
         time_emb = self.time_embedding(features.to(x.dtype))  # (B, 4 * C0)
+        if self.add_embedding is not None:  # SDXL: the pooled prompt and the sizes join the timestep
+            time_emb = time_emb + self.add_embedding(added_cond_kwargs, len(x), time_emb.dtype)  # (B, 4 * C0)
+        elif added_cond_kwargs is not None:
+            raise ValueError("added_cond_kwargs was passed, but this U-Net has no added conditioning "
+                             "(config.addition_embed_type is None: SD 1.x / 2.x); leave it out.")
 
         x = self.conv_in(x)  # (B, C0, H, W)
         skips = [x]
@@ -566,8 +596,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"context has shape {tuple(context.shape)}, but this U-Net's cross-attention takes "
                 f"({x.shape[0]}, L, {config.cross_attention_dim}): one row of token features per latent, "
-                f"{config.cross_attention_dim} wide (SD 1.x: CLIP ViT-L/14, 768; SD 2.x: OpenCLIP ViT-H, 1024). "
-                "Use the text encoder that matches this U-Net."
+                f"{config.cross_attention_dim} wide (SD 1.x: CLIP ViT-L/14, 768; SD 2.x: OpenCLIP ViT-H, 1024; "
+                "SDXL: both encoders side by side, 2048). Use the text encoder that matches this U-Net."
             )
         weight = self.conv_in.weight
         if (x.device, x.dtype) != (weight.device, weight.dtype) or context.dtype != weight.dtype:

@@ -39,7 +39,8 @@ class VAEConfig:
     ``block_out_channels`` has one entry per resolution level; every level but the last halves
     the image, so the downsampling factor is ``2 ** (levels - 1)`` (8 for SD).
     ``scaling_factor`` rescales latents to roughly unit variance before the U-Net sees them
-    (Chapter 02, section "The scaling factor").
+    (Chapter 02, section "The scaling factor"). ``force_upcast`` asks the SDXL pipeline to decode
+    a float16 VAE in float32 (SDXL's VAE overflows in float16; its "fp16-fix" says False).
     """
 
     in_channels: int = 3
@@ -51,6 +52,7 @@ class VAEConfig:
     sample_size: int | tuple[int, int] = 512
     scaling_factor: float = 0.18215
     mid_block_add_attention: bool = True
+    force_upcast: bool = True
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -95,14 +97,14 @@ class VAEConfig:
 
         Keys that are missing take diffusers' defaults. Anything this package does not build
         (other block types or activations, no quant convs, SD3/Flux-style latent shifts) is a
-        ValueError naming the key. ``force_upcast`` is accepted and not needed: our ``decode``
-        reruns in float32 whenever a float16 decode actually overflows.
+        ValueError naming the key. ``force_upcast`` is kept for the SDXL pipeline; our ``decode``
+        also reruns in float32 whenever a float16 decode actually overflows.
         """
         config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         # diffusers' defaults, for the keys a config leaves out
         values = {"in_channels": 3, "out_channels": 3, "block_out_channels": (64,), "layers_per_block": 1,
                   "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
-                  "mid_block_add_attention": True}
+                  "mid_block_add_attention": True, "force_upcast": True}
         values.update({k: config.pop(k) for k in list(config) if k in values})
         levels = len(values["block_out_channels"])
         expected = {
@@ -124,7 +126,6 @@ class VAEConfig:
         act_fn = config.pop("act_fn", "silu")
         if act_fn not in ("silu", "swish"):
             raise ValueError(f"act_fn={act_fn!r} is not supported: ldm_teach's VAE uses SiLU ('silu').")
-        config.pop("force_upcast", None)
         if config:
             raise ValueError(f"unknown AutoencoderKL config keys {sorted(config)}; this ldm_teach cannot build them.")
         return cls(**values)

@@ -282,6 +282,80 @@ def test_parameter_counts_on_meta():
     assert sum(p.numel() for p in sd2.parameters()) == sum(p.numel() for p in sd2_reference.parameters())
 
 
+# Tiny configs with a projection, as SDXL's second encoder (CLIPTextModelWithProjection): both ways of
+# finding the end token (eos_token_id 2, as SD's and SDXL's configs say: the largest id; else the first
+# occurrence of the id), both activations.
+PROJECTION_CONFIGS = [
+    dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+         hidden_act="gelu", projection_dim=24, eos_token_id=2),
+    dict(vocab_size=1000, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+         hidden_act="quick_gelu", projection_dim=48, eos_token_id=999),
+]
+
+
+def ids_with_end_tokens(vocab_size: int, end_id: int, lengths: list[int], seed: int = 3) -> torch.Tensor:
+    """(B, 77) ids: each row ``length`` random words, then the end token repeated as padding (SD 1.x's way)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.full((len(lengths), 77), end_id)
+    for row, length in zip(rows, lengths):
+        row[:length] = torch.randint(3, vocab_size - 2, (length,), generator=generator)
+    return rows
+
+
+@pytest.mark.parametrize("config", PROJECTION_CONFIGS)
+def test_hidden_states_and_pooled_projection_match_transformers(config):
+    torch.manual_seed(0)
+    theirs = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config)).eval()
+    ours = pretrained.text_encoder_from_transformers(theirs)
+    assert ours.config.projection_dim == config["projection_dim"] and ours.config.eos_token_id == config["eos_token_id"]
+    ids = ids_with_end_tokens(config["vocab_size"], 999, [5, 40, 76])
+    with torch.no_grad():
+        expected = theirs(ids, output_hidden_states=True)
+        got = ours.encode(ids)
+        plain = ours(ids)
+    assert torch.equal(plain, got.last_hidden_state)
+    assert (got.last_hidden_state - expected.last_hidden_state).abs().max() < 1e-4
+    assert len(got.hidden_states) == len(expected.hidden_states) == config["num_hidden_layers"] + 1
+    for mine, reference in zip(got.hidden_states, expected.hidden_states):
+        assert (mine - reference).abs().max() < 1e-4
+    assert (got.hidden_states[-2] - expected.hidden_states[-2]).abs().max() < 1e-4  # SDXL's penultimate layer
+    assert got.text_embeds.shape == (3, config["projection_dim"])
+    assert (got.text_embeds - expected.text_embeds).abs().max() < 1e-4
+    # The pooled row is the end token's: the first of the padding when the id is the end token's.
+    assert torch.equal(got.pooler_output, got.last_hidden_state[torch.arange(3), torch.tensor([5, 40, 76])])
+
+
+def test_pooled_output_of_a_plain_text_model_matches_transformers():
+    theirs = reference_text_model(**TINY_CONFIGS[0], eos_token_id=999)
+    ours = pretrained.text_encoder_from_transformers(theirs)
+    assert ours.text_projection is None and ours.config.projection_dim is None
+    ids = ids_with_end_tokens(1000, 999, [1, 30])
+    with torch.no_grad():
+        expected, got = theirs(ids), ours.encode(ids)
+    assert got.text_embeds is None
+    assert (got.pooler_output - expected.pooler_output).abs().max() < 1e-4
+
+
+def test_load_text_encoder_with_projection_from_a_saved_folder(tmp_path):
+    torch.manual_seed(0)
+    theirs = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**PROJECTION_CONFIGS[0])).eval()
+    theirs.save_pretrained(tmp_path / "pipeline" / "text_encoder_2")
+    loaded = pretrained.load_text_encoder(tmp_path / "pipeline", subfolder="text_encoder_2")
+    ids = ids_with_end_tokens(1000, 999, [7, 12])
+    with torch.no_grad():
+        direct = pretrained.text_encoder_from_transformers(theirs)
+        assert torch.equal(loaded.encode(ids).text_embeds, direct.encode(ids).text_embeds)
+        assert (loaded.encode(ids).text_embeds - theirs(ids).text_embeds).abs().max() < 1e-4
+
+
+def test_sdxl_bigg_text_encoder_has_the_parameter_count_of_transformers():
+    config = TextEncoderConfig.sdxl_bigg()
+    with torch.device("meta"):
+        ours = TextEncoder(config)
+        theirs = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**vars(config)))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 694_659_840
+
+
 def test_load_text_encoder_from_saved_folders(tmp_path):
     theirs = reference_text_model(**TINY_CONFIGS[0])
     theirs.save_pretrained(tmp_path / "pipeline" / "text_encoder")

@@ -22,6 +22,29 @@ def test_q_sample_matches_add_noise():
     torch.testing.assert_close(ours, reference.add_noise(x0, noise, t), atol=1e-6, rtol=0)
 
 
+def test_velocity_matches_get_velocity_and_the_v_loss():
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    v = diffusion.velocity(x0, noise, t, reference.alphas_cumprod)
+    torch.testing.assert_close(v, reference.get_velocity(x0, noise, t), atol=1e-6, rtol=0)
+    x_t = diffusion.q_sample(x0, t, noise, reference.alphas_cumprod)  # x̂_0 = √ᾱ x_t - √(1-ᾱ) v recovers x_0
+    alpha_prod = reference.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(alpha_prod**0.5 * x_t - (1 - alpha_prod) ** 0.5 * v, x0, atol=1e-5, rtol=0)
+
+    def oracle(x_t, steps, predict="v"):  # knows x0, so reads the drawn noise off x_t
+        alpha_prod = reference.alphas_cumprod[steps].reshape(-1, 1, 1, 1)
+        eps = (x_t - alpha_prod**0.5 * x0) / (1 - alpha_prod) ** 0.5
+        return diffusion.velocity(x0, eps, steps, reference.alphas_cumprod) if predict == "v" else eps
+
+    for predict, low in (("v", True), ("eps", False)):
+        loss = diffusion.diffusion_loss(oracle, x0, reference.alphas_cumprod, predict, prediction_type="v_prediction",
+                                        generator=torch.Generator().manual_seed(0))
+        assert (float(loss) < 1e-6) == low  # the v-loss's target is the velocity, not the noise
+    with pytest.raises(ValueError, match=r"noise has shape \(4, 3\) but x0 has shape \(4, 3, 8, 8\)"):
+        diffusion.velocity(x0, torch.zeros(4, 3), t, reference.alphas_cumprod)
+
+
 def test_closed_form_equals_step_by_step_in_distribution():
     # Noising one fixed x0 step by step 500 times, many times over, gives the mean and variance
     # that the closed form q(x_t | x_0) promises.

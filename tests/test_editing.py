@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionInpaintPipeline, UNet2DConditionModel)
 from PIL import Image
 
 from ldm_teach import pretrained
@@ -16,7 +17,11 @@ PROMPTS = ["a red circle at the top left", "a small blue square"]
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
 SCHEDULERS = {"PNDM": (PNDMScheduler, {}), "DDIM": (DDIMScheduler, {}), "Euler": (EulerDiscreteScheduler, {}),
-              "DPM-Solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2))}
+              "DPM-Solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+              "Euler-Karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+              "DPM++-2M-Karras": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                                   use_karras_sigmas=True)),
+              "Euler-ancestral": (EulerAncestralDiscreteScheduler, {})}
 HEIGHT, WIDTH = 64, 40  # non-square: a swapped height and width shows
 
 
@@ -105,10 +110,11 @@ def test_inpainting_matches_diffusers(references, kind, name, guidance_scale, st
     assert_close_and_real(a, b)
 
 
+@pytest.mark.parametrize("name", ["DDIM", "Euler-ancestral"])  # Euler ancestral draws each step's noise from them too
 @pytest.mark.parametrize("kind", ["img2img", "inpaint4", "inpaint9"])
-def test_pil_inputs_one_image_for_many_and_generator_lists(references, kind):
+def test_pil_inputs_one_image_for_many_and_generator_lists(references, kind, name):
     """A PIL image and mask used for 2 prompts x 2 images each; one generator per image, as diffusers pairs them."""
-    theirs, mine = pair(references, kind, "DDIM")
+    theirs, mine = pair(references, kind, name)
     array = (random_images(1)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     image = Image.fromarray(array)
     mask = Image.fromarray((box_masks(1)[0, 0].numpy() * 255).round().astype("uint8"))

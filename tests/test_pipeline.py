@@ -4,7 +4,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
 
 from ldm_teach import pretrained
 from ldm_teach.pipeline import StableDiffusion, classifier_free_guidance, draw_latents
@@ -46,7 +47,11 @@ def both(pipelines, prompt, **options):
 
 
 SCHEDULERS = {"PNDM": (PNDMScheduler, {}), "DDIM": (DDIMScheduler, {}), "Euler": (EulerDiscreteScheduler, {}),
-              "DPM-Solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2))}
+              "DPM-Solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+              "Euler-Karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+              "DPM++-2M-Karras": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                                   use_karras_sigmas=True)),
+              "Euler-ancestral": (EulerAncestralDiscreteScheduler, {})}
 
 
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0], ids=["guided", "unguided"])
@@ -91,14 +96,20 @@ def test_generator_lists_and_images_per_prompt(pipelines):
     assert np.abs(alone[0] - mine[3]).max() < 1e-5
 
 
-def test_stochastic_steps_draw_noise_like_diffusers(pipelines):
-    for scheduler_class, extra in ((DDIMScheduler, dict(eta=0.7)), (DDPMScheduler, {})):
-        pipelines = use_scheduler(pipelines, scheduler_class)
-        theirs, mine = both(pipelines, PROMPTS, num_inference_steps=4, guidance_scale=3.0, height=32, width=32,
-                            output_type="np", **extra)
-        assert np.abs(mine - theirs).max() < TOLERANCE
-    with pytest.raises(ValueError, match="one generator"):
-        pipelines[1](PROMPTS, generator=[torch.Generator(), torch.Generator()], num_inference_steps=2, progress=False)
+@pytest.mark.parametrize("scheduler_class, extra",
+                         [(DDIMScheduler, dict(eta=0.7)), (DDPMScheduler, {}), (EulerAncestralDiscreteScheduler, {})],
+                         ids=["DDIM", "DDPM", "Euler-a"])
+def test_stochastic_steps_draw_noise_like_diffusers(pipelines, scheduler_class, extra):
+    """One generator, and a list of one per image: each step's noise drawn as diffusers' randn_tensor draws it."""
+    reference, ours = pipelines = use_scheduler(pipelines, scheduler_class)
+    options = dict(num_inference_steps=4, guidance_scale=3.0, height=32, width=32, output_type="np", **extra)
+    theirs, mine = both(pipelines, PROMPTS, **options)
+    assert np.abs(mine - theirs).max() < TOLERANCE
+    theirs = reference(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **options).images
+    mine = ours(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], progress=False, **options).images
+    assert np.abs(mine - theirs).max() < TOLERANCE
+    alone = ours(PROMPTS[1], generator=torch.Generator().manual_seed(4), progress=False, **options).images
+    assert np.abs(alone[0] - mine[1]).max() < 1e-5  # image i is the image generator i gives alone
 
 
 def test_the_loop_calls_back_at_every_step_and_guidance_is_one_batch(pipelines):

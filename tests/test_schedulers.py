@@ -202,8 +202,8 @@ def test_unknown_config_values_are_refused(name, key, value):
 
 
 @pytest.mark.parametrize("name,key,value", [
-    ("EulerDiscreteScheduler", "use_karras_sigmas", True),
-    ("DPMSolverMultistepScheduler", "use_karras_sigmas", True),
+    ("EulerDiscreteScheduler", "use_exponential_sigmas", True),
+    ("DPMSolverMultistepScheduler", "use_beta_sigmas", True),
     ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
     ("DDIMScheduler", "thresholding", True),
     ("DDPMScheduler", "rescale_betas_zero_snr", True),

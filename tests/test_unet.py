@@ -198,7 +198,7 @@ def test_inputs_of_the_wrong_kind_raise_type_errors_naming_them(tiny_unet):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(addition_embed_type="text_time"), r"addition_embed_type='text_time' \(only None is supported\)"),
+        (dict(addition_embed_type="text"), r"addition_embed_type='text' is not implemented.*'text_time' \(SDXL"),
         (dict(class_embed_type="timestep"), r"class_embed_type='timestep'"),
         (dict(down_block_types=["AttnDownBlock2D", "DownBlock2D"]), r"down_block_types=\('AttnDownBlock2D'"),
         (dict(cross_attention_dim=[48, 48]), r"cross_attention_dim=\[48, 48\] must be one int"),

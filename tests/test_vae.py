@@ -305,6 +305,7 @@ def test_config_conversion_details():
                                               "force_upcast": False, "sample_size": [64, 48], "_class_name": "x"})
     assert config.block_out_channels == (32, 64) and config.sample_size == (64, 48)
     assert config.layers_per_block == 1  # a missing key takes diffusers' default
+    assert config.force_upcast is False and VAEConfig.from_diffusers_config({}).force_upcast is True
     with pytest.raises(ValueError, match="norm_num_groups=32"):
         VAEConfig(block_out_channels=(48, 64))
 
