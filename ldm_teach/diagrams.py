@@ -200,7 +200,12 @@ def unet_shapes(unet: UNet, latent_size: int, context_length: int) -> dict:
     x = torch.zeros(1, unet.config.in_channels, latent_size, latent_size, device="meta")
     context = torch.zeros(1, context_length, unet.config.cross_attention_dim, device="meta")
     record["x"], record["context"] = x.shape, context.shape
-    record["out"] = unet(x, 999, context).shape
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: zeros of the right shapes for the added embedding
+        numbers = 6  # the base's size numbers; only the total width matters for the shapes
+        pooled = unet.config.projection_class_embeddings_input_dim - numbers * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(1, pooled, device="meta"), "time_ids": torch.zeros(1, numbers, device="meta")}
+    record["out"] = unet(x, 999, context, added_cond_kwargs=added).shape
     for hook in hooks:
         hook.remove()
     return record
@@ -213,6 +218,11 @@ def unet(config: UNetConfig | None = None, latent_size: int = 64, context_length
         model = UNet(config or UNetConfig.sd15())
     config, record = model.config, unet_shapes(model, latent_size, context_length)
     levels = len(config.block_out_channels)
+    depths = config.per_level("transformer_layers_per_block")
+
+    def transformers(level):  # " + transformer" for SD 1.5's one block, " + 10× transformer" for SDXL's ten
+        return " + transformer" if depths[level] == 1 else f" + {depths[level]}× transformer"
+
     skips = [record["conv_in"]] + [s for level in range(levels) for s in record[("down", level)][1]]
     fig, ax = canvas(16, 3.2 + 1.45 * (levels + 1), (13.5, 2.0 + 1.2 * (levels + 1)))
     top = 1.4 + 1.45 * levels
@@ -224,7 +234,8 @@ def unet(config: UNetConfig | None = None, latent_size: int = 64, context_length
     box(ax, 11.7, top + 1.35, "predicted noise", "data", width=2.2)
     arrow(ax, (4.3, top + 0.95), (4.3, y(0) + 0.35), shape(record["x"]), offset=(-1.1, 0))
     arrow(ax, (11.7, y(0) + 0.35), (11.7, top + 0.95), shape(record["out"]), offset=(1.1, 0))
-    ax.text(8.0, top + 1.55, f"timestep t → sinusoids → MLP\n{shape(record['time'])}, added in every ResBlock",
+    added = " + pooled prompt & sizes" if config.addition_embed_type == "text_time" else ""
+    ax.text(8.0, top + 1.55, f"timestep t{added} → sinusoids → MLP\n{shape(record['time'])}, added in every ResBlock",
             ha="center", va="center", fontsize=8.5, color="C3")
     ax.text(8.0, top + 0.8, f"text context {shape(record['context'])}:\nkeys and values of every cross-attention",
             ha="center", va="center", fontsize=8.5, color="C0")
@@ -233,11 +244,11 @@ def unet(config: UNetConfig | None = None, latent_size: int = 64, context_length
         H, W = level_skips[0][-2:]
         attends = config.down_block_types[level] == "CrossAttnDownBlock2D"
         text = (f"{H}×{W}, {config.block_out_channels[level]} ch: {config.layers_per_block}× ResBlock"
-                f"{' + transformer' if attends else ''}" + (" → down" if level < levels - 1 else ""))
+                f"{transformers(level) if attends else ''}" + (" → down" if level < levels - 1 else ""))
         box(ax, 4.3, y(level), text, "model" if attends else "schedule", width=4.6, height=0.7, fontsize=8.5)
         up_level = levels - 1 - level
         up_attends = config.up_block_types[up_level] == "CrossAttnUpBlock2D"
-        text = (f"{config.layers_per_block + 1}× ResBlock{' + transformer' if up_attends else ''}"
+        text = (f"{config.layers_per_block + 1}× ResBlock{transformers(level) if up_attends else ''}"
                 + (" → up" if level > 0 else "") + f", {tuple(record[('up', up_level)])[1]} ch")
         box(ax, 11.7, y(level), text, "model" if up_attends else "schedule", width=4.6, height=0.7, fontsize=8.5)
         at_this_size = [s for s in skips if tuple(s[-2:]) == (H, W)]
@@ -248,7 +259,7 @@ def unet(config: UNetConfig | None = None, latent_size: int = 64, context_length
             arrow(ax, (4.3, y(level) - 0.35), (4.3, y(level + 1) + 0.35), shape(out), offset=(-1.2, 0))
             arrow(ax, (11.7, y(level + 1) + 0.35), (11.7, y(level) - 0.35),
                   shape(record[("up", levels - 2 - level)]), offset=(1.3, 0))
-    box(ax, 8.0, y(levels), f"middle: ResBlock + transformer + ResBlock, {shape(record['mid'])}", "model",
+    box(ax, 8.0, y(levels), f"middle: ResBlock{transformers(levels - 1)} + ResBlock, {shape(record['mid'])}", "model",
         width=5.6, height=0.7, fontsize=8.5)
     arrow(ax, (4.3, y(levels - 1) - 0.35), (5.6, y(levels)), shape(record[("down", levels - 1)][0]),
           offset=(-1.1, -0.1))

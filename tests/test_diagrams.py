@@ -68,3 +68,14 @@ def test_clip_table_holds_the_similarities_given():
 def test_diffusion_chain_titles_the_timesteps():
     figure = diagrams.diffusion_chain([torch.zeros(3, 8, 8)] * 3, [0, 500, 999])
     assert [ax.get_title() for ax in figure.axes] == ["$x_{0}$", "$x_{500}$", "$x_{999}$"]
+
+
+def test_sdxl_unet_diagram_shows_its_levels_and_transformer_depths():
+    from ldm_teach.unet_sdxl import sdxl_base
+
+    labels = texts(diagrams.unet(sdxl_base(), latent_size=128))
+    assert "128×128, 320 ch: 2× ResBlock → down" in labels  # no attention at the highest resolution
+    assert "32×32, 1280 ch: 2× ResBlock + 10× transformer" in labels
+    assert "64×64, 640 ch: 2× ResBlock + 2× transformer → down" in labels
+    assert "middle: ResBlock + 10× transformer + ResBlock, (1, 1280, 32, 32)" in labels
+    assert "pooled prompt & sizes" in labels and "(1, 77, 2048)" in labels and "(1, 4, 128, 128)" in labels
