@@ -234,8 +234,8 @@ def unet(config: UNetConfig | None = None, latent_size: int = 64, context_length
     box(ax, 11.7, top + 1.35, "predicted noise", "data", width=2.2)
     arrow(ax, (4.3, top + 0.95), (4.3, y(0) + 0.35), shape(record["x"]), offset=(-1.1, 0))
     arrow(ax, (11.7, y(0) + 0.35), (11.7, top + 0.95), shape(record["out"]), offset=(1.1, 0))
-    added = " + pooled prompt & sizes" if config.addition_embed_type == "text_time" else ""
-    ax.text(8.0, top + 1.55, f"timestep t{added} → sinusoids → MLP\n{shape(record['time'])}, added in every ResBlock",
+    added = " + embedding of pooled prompt & sizes" if config.addition_embed_type == "text_time" else ""
+    ax.text(8.0, top + 1.55, f"timestep t → sinusoids → MLP{added}\n{shape(record['time'])}, added in every ResBlock",
             ha="center", va="center", fontsize=8.5, color="C3")
     ax.text(8.0, top + 0.8, f"text context {shape(record['context'])}:\nkeys and values of every cross-attention",
             ha="center", va="center", fontsize=8.5, color="C0")
