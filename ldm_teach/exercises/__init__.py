@@ -7,6 +7,7 @@ each exercise's label to its chapter, function, checker and points; ``ldm_teach.
 """
 from . import registry
 from .base import CheckResult, compare, compare_values
+from .bigger import check_euler_ancestral_step, check_karras_sigmas, check_velocity
 from .clip import (check_bpe_merge, check_causal_attention, check_contrastive_loss, check_zero_shot,
                    reference_causal_attention, reference_zero_shot)
 from .editing import (check_blend_step, check_controlled_skips, check_inpainting_input, check_start_step,
@@ -30,6 +31,7 @@ __all__ = [
     "check_training_step", "check_caption_dropout", "check_ema_update",
     "check_guidance", "check_denoising_loop", "check_decode_latents",
     "check_start_step", "check_blend_step", "check_inpainting_input", "check_controlled_skips",
+    "check_velocity", "check_karras_sigmas", "check_euler_ancestral_step",
     "reference_latent_shape", "reference_attention_bytes", "reference_trainable_parameters",
     "reference_ddim_step", "reference_scaling_factor", "reference_causal_attention", "reference_zero_shot",
     "reference_timestep_embedding", "reference_guidance", "reference_denoising_loop", "reference_decode",

@@ -88,6 +88,14 @@ EXERCISES: tuple[Exercise, ...] = (
           "check_controlled_skips"),
     Exercise("ex-img2img-mean", "07_editing", "Image to image with the posterior's mean", "open", 15),
     Exercise("ex-edges", "07_editing", "Edges instead of silhouettes", "open", 30, needs_training=True),
+    _code("ex-velocity", "08_bigger", "The v-prediction target", 10, "velocity", "check_velocity",
+          sources=("diffusion.velocity",)),
+    _code("ex-karras-sigmas", "08_bigger", "Karras noise levels", 15, "karras_sigmas", "check_karras_sigmas",
+          sources=("sigmas.karras_sigmas",)),
+    _code("ex-euler-ancestral", "08_bigger", "One Euler ancestral step", 20, "euler_ancestral_step",
+          "check_euler_ancestral_step", 2, sources=("samplers.EulerAncestralDiscreteScheduler.step",)),
+    Exercise("ex-refiner-split", "08_bigger", "Where the refiner takes over", "computation", 15),
+    Exercise("ex-prompt-2", "08_bigger", "A prompt for the second encoder", "open", 20),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
