@@ -230,3 +230,23 @@ def test_bad_inputs_raise_clear_errors(pipelines):
         StableDiffusionXLImg2Img(**{**base_parts, "tokenizer": None})
     with pytest.raises(ValueError, match=r"cross-attends to 64-wide features, but the text encoders write 32 = 32"):
         StableDiffusionXL(**{**base_parts, "text_encoder": None, "tokenizer": None})
+
+
+def test_float16_encode_is_upcast_when_the_vae_asks(pipelines):
+    refiner = pipelines["refiner"][1]
+    images = torch.rand(1, 3, 48, 48, generator=seeded(4)) * 2 - 1
+    reference = refiner.encode_images(images, seeded(5))
+    seen = []  # the dtype the encoder's first convolution computes in
+    hook = refiner.vae.encoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    refiner.vae.half()
+    try:
+        upcast = refiner.encode_images(images, seeded(5))
+        assert seen == [torch.float32] and refiner.vae.encoder.conv_in.weight.dtype == torch.float16  # half again
+        assert upcast.dtype == torch.float32 and (upcast - reference).abs().max() < 5e-3  # float16 weights only
+        refiner.vae.config.force_upcast = False
+        refiner.encode_images(images, seeded(5))
+        assert seen[-1] == torch.float16
+    finally:
+        hook.remove()
+        refiner.vae.config.force_upcast = True
+        refiner.vae.float()
