@@ -311,13 +311,15 @@ class StableDiffusion:
 # --- the editing pipelines of Chapter 07 and SDXL (Chapter 08) ---------------------------------
 
 EDITING_PIPELINES = {"StableDiffusionImg2Img": "editing", "StableDiffusionInpaint": "editing",
-                     "StableDiffusionControlNet": "controlnet", "StableDiffusionXL": "pipeline_sdxl"}
+                     "StableDiffusionControlNet": "controlnet", "StableDiffusionXL": "pipeline_sdxl",
+                     "StableDiffusionXLImg2Img": "pipeline_sdxl_refiner"}
 
 
 def __getattr__(name: str):
     """``pipeline.StableDiffusionImg2Img`` and the other Chapter 07 pipelines, which live in ``editing.py``
-    and ``controlnet.py``, and Chapter 08's ``StableDiffusionXL`` (``pipeline_sdxl.py``); they import this
-    module, so they are imported on first use."""
+    and ``controlnet.py``, and Chapter 08's ``StableDiffusionXL`` (``pipeline_sdxl.py``) and
+    ``StableDiffusionXLImg2Img`` (``pipeline_sdxl_refiner.py``); they import this module, so they are
+    imported on first use."""
     if name in EDITING_PIPELINES:
         import importlib
 

@@ -15,7 +15,7 @@ What changes from Chapter 06's pipeline, in the order a call meets it:
    ``added_cond_kwargs``;
 4. **denoising_end**: stop part-way (e.g. 0.8) and hand the latents to the refiner;
 5. **the VAE upcast**: SDXL's VAE overflows in float16, so with ``vae.config.force_upcast`` a
-   float16 pipeline decodes in float32.
+   float16 pipeline decodes (and the refiner encodes) in float32.
 
 It is called like diffusers' ``StableDiffusionXLPipeline`` and, on the same weights, scheduler and
 seeded generator, gives the same images (``tests/test_pipeline_sdxl.py``).
@@ -23,6 +23,7 @@ seeded generator, gives the same images (``tests/test_pipeline_sdxl.py``).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -46,23 +47,37 @@ class StableDiffusionXL(EditingPipeline):
         if config.addition_embed_type != "text_time":
             raise ValueError(f"the U-Net has addition_embed_type={config.addition_embed_type!r}, not SDXL's "
                              "'text_time': StableDiffusionXL needs an SDXL U-Net; use pipeline.StableDiffusion.")
-        widths = (text_encoder.config.hidden_size, text_encoder_2.config.hidden_size)
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("text_encoder and tokenizer go together: pass both, or neither (as the SDXL refiner's "
+                             "folder has neither: its context is text_encoder_2's alone).")
+        widths = [encoder.config.hidden_size for encoder in (text_encoder, text_encoder_2) if encoder is not None]
         if config.cross_attention_dim != sum(widths):
-            raise ValueError(f"the U-Net cross-attends to {config.cross_attention_dim}-wide features, but the two "
-                             f"text encoders write {widths[0]} + {widths[1]} = {sum(widths)}; use the encoders it "
+            raise ValueError(f"the U-Net cross-attends to {config.cross_attention_dim}-wide features, but the text "
+                             f"encoders write {' + '.join(map(str, widths))} = {sum(widths)}; use the encoders it "
                              "was trained with.")
-        projection = text_encoder_2.config.projection_dim
-        if projection is None or projection + 6 * config.addition_time_embed_dim != (
+        self.check_added_embedding(config, text_encoder_2)
+        self.check_unet_channels(unet, vae)
+        self.unet, self.vae = unet.eval(), vae.eval()
+        self.text_encoder = None if text_encoder is None else text_encoder.eval()
+        self.text_encoder_2 = text_encoder_2.eval()
+        self.tokenizer, self.tokenizer_2, self.scheduler = tokenizer, tokenizer_2, scheduler
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @property
+    def time_id_count(self) -> int:
+        """The micro-conditioning numbers per image: 6, original size, crop and target size."""
+        return 6
+
+    def check_added_embedding(self, config, text_encoder_2) -> None:
+        """The U-Net's added embedding takes the pooled prompt and ``time_id_count`` numbers, or an error."""
+        projection, count = text_encoder_2.config.projection_dim, self.time_id_count
+        if projection is None or projection + count * config.addition_time_embed_dim != (
                 config.projection_class_embeddings_input_dim):
             raise ValueError(
                 f"text_encoder_2 has projection_dim={projection}, but the U-Net's added embedding takes "
-                f"{config.projection_class_embeddings_input_dim} = pooled width + 6 x {config.addition_time_embed_dim}:"
-                " text_encoder_2 must be the CLIPTextModelWithProjection the U-Net was trained with.")
-        self.check_unet_channels(unet, vae)
-        self.unet, self.vae = unet.eval(), vae.eval()
-        self.text_encoder, self.text_encoder_2 = text_encoder.eval(), text_encoder_2.eval()
-        self.tokenizer, self.tokenizer_2, self.scheduler = tokenizer, tokenizer_2, scheduler
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+                f"{config.projection_class_embeddings_input_dim} = pooled width + {count} x "
+                f"{config.addition_time_embed_dim}: text_encoder_2 must be the CLIPTextModelWithProjection the U-Net "
+                "was trained with.")
 
     @property
     def components(self) -> dict:
@@ -72,18 +87,20 @@ class StableDiffusionXL(EditingPipeline):
                 "scheduler": self.scheduler}
 
     def models(self) -> dict:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                "text_encoder_2": self.text_encoder_2}
+        """The models by name; without ``text_encoder`` when there is none (the refiner)."""
+        models = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                  "text_encoder_2": self.text_encoder_2}
+        return {name: model for name, model in models.items() if model is not None}
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "StableDiffusionXL":
-        """Move the four models to ``device`` and/or ``dtype``."""
+        """Move the models to ``device`` and/or ``dtype``."""
         device = as_device(device)
         for model in self.models().values():
             model.to(device=device, dtype=dtype)
         return self
 
     def check_devices(self) -> None:
-        """The four models on one device in one dtype, or an error that says how to move them."""
+        """The models on one device in one dtype, or an error that says how to move them."""
         placed = {name: (next(model.parameters()).device, next(model.parameters()).dtype)
                   for name, model in self.models().items()}
         if len(set(placed.values())) > 1:
@@ -96,10 +113,16 @@ class StableDiffusionXL(EditingPipeline):
     @torch.no_grad()
     def encode_with_both(self, prompts: list[str], prompts_2: list[str],
                          what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both encoders' penultimate layers side by side (B, 77, D1 + D2), and bigG's pooled projection (B, P)."""
+        """Both encoders' penultimate layers side by side (B, 77, D1 + D2), and bigG's pooled projection (B, P).
+
+        Without ``text_encoder`` (the refiner) ``prompts`` go to ``text_encoder_2`` alone, (B, 77, D2),
+        and ``prompts_2`` are unused, as in diffusers.
+        """
+        pairs = [(self.tokenizer, self.text_encoder, prompts), (self.tokenizer_2, self.text_encoder_2, prompts_2)]
+        if self.text_encoder is None:
+            pairs = [(self.tokenizer_2, self.text_encoder_2, prompts)]
         features = []
-        for tokenizer, encoder, texts in ((self.tokenizer, self.text_encoder, prompts),
-                                          (self.tokenizer_2, self.text_encoder_2, prompts_2)):
+        for tokenizer, encoder, texts in pairs:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ids = tokenizer(texts).to(self.device)  # (B, 77)
@@ -115,6 +138,9 @@ class StableDiffusionXL(EditingPipeline):
         diffusers' ``encode_prompt`` returns them; the negative ones are None without guidance."""
         prompts, negatives, guidance_scale = self.check_prompts(prompt, negative_prompt, guidance_scale)
         prompts_2 = self.second_prompts(prompt_2, prompts, "prompt_2")
+        if self.text_encoder is None and (prompt_2 is not None or negative_prompt_2 is not None):
+            warn("prompt_2 and negative_prompt_2 are unused: this pipeline has one text encoder (text_encoder_2), "
+                 "which reads prompt and negative_prompt.")
         repeat = lambda texts: [text for text in texts for _ in range(num_images_per_prompt)]  # noqa: E731
         context, pooled = self.encode_with_both(repeat(prompts), repeat(prompts_2), "prompt")
         if guidance_scale <= 1:
@@ -147,20 +173,48 @@ class StableDiffusionXL(EditingPipeline):
         timesteps = self.scheduler.timesteps
         if denoising_end is None:
             return timesteps
+        return timesteps[:int((timesteps >= self.timestep_cutoff(denoising_end)).sum())]
+
+    def timestep_cutoff(self, fraction: float) -> int:
+        """The training timestep where ``fraction`` of the noise is removed: T - fraction x T, rounded
+        (0.8 of T = 1000: 200). The base runs the timesteps from it up, the refiner those below it."""
         T = self.scheduler.config.num_train_timesteps
-        cutoff = int(round(T - denoising_end * T))
-        return timesteps[:int((timesteps >= cutoff).sum())]
+        return int(round(T - fraction * T))
+
+    @staticmethod
+    def check_fraction(value, name: str, meaning: str) -> float | None:
+        """``denoising_end`` or ``denoising_start``: None, or a share strictly between 0 and 1."""
+        if value is None:
+            return None
+        value = as_float(value, name)
+        if not 0 < value < 1:
+            raise ValueError(f"{name}={value} must lie strictly between 0 and 1 ({meaning}); e.g. 0.8.")
+        return value
+
+    @contextmanager
+    def vae_in_float32(self):
+        """SDXL's VAE overflows in float16: with ``vae.config.force_upcast`` a float16 VAE runs in float32
+        inside this block (yields whether it does), and is float16 again after it."""
+        upcast = self.vae.config.force_upcast and self.vae.post_quant_conv.weight.dtype == torch.float16
+        if upcast:
+            self.vae.float()
+        try:
+            yield upcast
+        finally:
+            if upcast:
+                self.vae.half()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Chapter 06's decode, in float32 for a float16 VAE whose config asks for it (``force_upcast``)."""
-        if not (self.vae.config.force_upcast and self.vae.post_quant_conv.weight.dtype == torch.float16):
-            return super().decode_latents(latents)
-        self.vae.float()
-        try:
-            return self.vae.decode(latents.float() / self.vae.scaling_factor)  # (B, 3, H, W) float32
-        finally:
-            self.vae.half()
+        with self.vae_in_float32() as upcast:
+            return super().decode_latents(latents.float() if upcast else latents)  # (B, 3, H, W)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator) -> torch.Tensor:
+        """Chapter 07's encode (the refiner's image to image), in float32 when ``force_upcast`` asks for it."""
+        with self.vae_in_float32():
+            return super().encode_images(images, generator)  # (N, 4, H/f, W/f) in the pipeline's dtype
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
@@ -180,11 +234,8 @@ class StableDiffusionXL(EditingPipeline):
         height, width = self.check_size(height, width)
         num_inference_steps, num_images_per_prompt, eta = self.check_common(
             num_inference_steps, num_images_per_prompt, eta, generator, callback, output_type)
-        if denoising_end is not None:
-            denoising_end = as_float(denoising_end, "denoising_end")
-            if not 0 < denoising_end < 1:
-                raise ValueError(f"denoising_end={denoising_end} must lie strictly between 0 and 1 (the share of the "
-                                 "noise removed before stopping); None runs every step.")
+        denoising_end = self.check_fraction(denoising_end, "denoising_end", "the share of the noise removed "
+                                            "before stopping; None runs every step")
         context, negative_context, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, negative_prompt, negative_prompt_2, guidance_scale, num_images_per_prompt)
         guided = negative_context is not None

@@ -358,7 +358,9 @@ def pipeline_file_patterns(variant: str | None = None) -> list[str]:
     return ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
             "unet/config.json", f"unet/{diffusers_weights}", "vae/config.json", f"vae/{diffusers_weights}",
             "text_encoder/config.json", f"text_encoder/{weights_file_name(SAFETENSORS_NAMES[1], variant)}",
-            "controlnet/config.json", f"controlnet/{diffusers_weights}"]  # ControlNet pipelines only (Chapter 07)
+            "controlnet/config.json", f"controlnet/{diffusers_weights}",  # ControlNet pipelines only (Chapter 07)
+            "text_encoder_2/config.json", f"text_encoder_2/{weights_file_name(SAFETENSORS_NAMES[1], variant)}",
+            "tokenizer_2/*"]  # SDXL only (Chapter 08)
 
 
 def check_model_index(root: Path) -> None:
@@ -392,12 +394,17 @@ def load_pipeline(path_or_repo_id: str | os.PathLike, revision: str | None = Non
     commit hash: pin one for reproducible results). ``variant="fp16"`` reads the half-size weights
     files; ``dtype`` and ``device`` say where the models then live. The class returned is the one
     ``model_index.json`` names: an inpainting folder gives a ``StableDiffusionInpaint``, a ControlNet
-    one (with its ``controlnet/``) a ``StableDiffusionControlNet``.
+    one (with its ``controlnet/``) a ``StableDiffusionControlNet``, an SDXL one a ``StableDiffusionXL``
+    and SDXL's refiner a ``StableDiffusionXLImg2Img`` (``pretrained_sdxl``).
     """
     device = as_device(device)  # checked before any weights are read or downloaded
     root = resolve_folder(path_or_repo_id, None, revision, allow_patterns=pipeline_file_patterns(variant))
-    check_model_index(root)
     weights = dict(dtype=dtype, device=device, variant=variant)
+    if read_config(root, "model_index.json").get("_class_name", "").startswith("StableDiffusionXL"):
+        from .pretrained_sdxl import load_sdxl_pipeline  # two text encoders, maybe no first one (Chapter 08)
+
+        return load_sdxl_pipeline(root, **weights)
+    check_model_index(root)
     components = dict(
         unet=load_unet(root, "unet", **weights),
         vae=load_vae(root, "vae", **weights),
