@@ -283,10 +283,13 @@ def training_record(profile: str | None = None) -> dict:
 @dataclass
 class ConditionResult:
     """What one crop condition gave over several seeds: per seed the share of shapes cut by the border
-    and the prompt adherence, and the images (seeds one after another, (S·N, 3, H, W) in [-1, 1])."""
+    and the prompt adherence, and the images (seeds one after another, (S·N, 3, H, W) in [-1, 1]).
+    ``exact_shares`` are the shares of the same captions' shapes drawn by ``data.render`` and cropped
+    exactly as the condition says: what a model that had learnt the numbers perfectly would show."""
 
     condition: tuple
     cut_shares: list[float] = field(default_factory=list)
+    exact_shares: list[float] = field(default_factory=list)
     adherence: list[evaluate.Adherence] = field(default_factory=list)
     images: torch.Tensor | None = None
 
@@ -302,7 +305,22 @@ class ConditionResult:
     def __str__(self) -> str:
         both = statistics.fmean(a.both for a in self.adherence)
         return (f"cut by the border {100 * self.mean:.0f}% ± {100 * self.spread:.0f}% "
-                f"(seeds: {', '.join(f'{100 * s:.0f}%' for s in self.cut_shares)}); adherence (both) {100 * both:.0f}%")
+                f"(seeds: {', '.join(f'{100 * s:.0f}%' for s in self.cut_shares)}; drawn exactly: "
+                f"{100 * statistics.fmean(self.exact_shares):.0f}%); adherence (both) {100 * both:.0f}%")
+
+
+def exactly_cropped(dataset: data.ShapesDataset, original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
+                    target_size: tuple[int, int]) -> torch.Tensor:
+    """``dataset``'s shapes drawn at ``original_size`` and cut at ``crops_coords_top_left`` to ``target_size``:
+    (N, 3, H, W) in [-1, 1]. Square sizes only, as the shapes are drawn."""
+    crop_time_ids(original_size, crops_coords_top_left, target_size)
+    if original_size[0] != original_size[1] or target_size[0] != target_size[1]:
+        raise ValueError(f"original_size={tuple(original_size)} and target_size={tuple(target_size)} must be square "
+                         "(the shapes are drawn on square pictures).")
+    top, left = crops_coords_top_left
+    pictures = [torch.from_numpy(data.render(spec, original_size[0], jitter)).permute(2, 0, 1)
+                for spec, jitter in zip(dataset.specs, dataset.jitters)]  # N x (3, side, side) uint8
+    return torch.stack([crop(picture.float() / 127.5 - 1, top, left, target_size[0]) for picture in pictures])
 
 
 def measure_cut_shares(pipe: CropConditionedPipeline, classifier: evaluate.ShapeClassifier,
@@ -313,15 +331,19 @@ def measure_cut_shares(pipe: CropConditionedPipeline, classifier: evaluate.Shape
 
     Seed s draws its captions from ``ShapesDataset(num_images, seed=MEASURE_SEED + s)`` (held-out pairs
     excluded) and its starting noise from a generator seeded with s; every condition gets the same
-    captions and noise, so the conditions differ in the six numbers only.
+    captions and noise, so the conditions differ in the six numbers only. Each result also holds
+    the share for the same shapes drawn and cropped exactly as asked (``exactly_cropped``).
     """
     num_images = as_int(num_images, "num_images")
     results = {name: ConditionResult(tuple(condition)) for name, condition in conditions.items()}
     for name, (original_size, crops_coords_top_left, target_size) in conditions.items():
         crop_time_ids(original_size, crops_coords_top_left, target_size)  # refuse a bad condition before sampling
     for seed in seeds:
-        captions = data.ShapesDataset(num_images, seed=MEASURE_SEED + seed, exclude=zoo.HELD_OUT_PAIRS).captions()
+        shapes = data.ShapesDataset(num_images, seed=MEASURE_SEED + seed, exclude=zoo.HELD_OUT_PAIRS)
+        captions = shapes.captions()
         for name, (original_size, crops_coords_top_left, target_size) in conditions.items():
+            exact = exactly_cropped(shapes, original_size, crops_coords_top_left, target_size)
+            results[name].exact_shares.append(touches_border(exact).float().mean().item())
             output = pipe(captions, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           generator=torch.Generator().manual_seed(seed), output_type="pt",
                           original_size=original_size, crops_coords_top_left=crops_coords_top_left,

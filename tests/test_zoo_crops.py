@@ -171,6 +171,14 @@ def test_the_pipeline_draws_differently_for_other_crop_numbers_and_the_measure_c
         assert len(result.cut_shares) == 2 and len(result.adherence) == 2 and result.images.shape == (6, 3, 32, 32)
         assert torch.equal(zoo_crops.touches_border(result.images[:3]).float().mean(),
                            torch.tensor(result.cut_shares[0]))
+        assert len(result.exact_shares) == 2
+    shapes = data.ShapesDataset(3, seed=zoo_crops.MEASURE_SEED, exclude=zoo.HELD_OUT_PAIRS)
+    for name, condition in zoo_crops.CONDITIONS.items():
+        exact = zoo_crops.touches_border(zoo_crops.exactly_cropped(shapes, *condition)).float().mean()
+        assert exact.item() == results[name].exact_shares[0]
+    assert torch.equal(zoo_crops.exactly_cropped(shapes, *zoo_crops.CONDITIONS["uncropped"]), shapes.tensors())
+    with pytest.raises(ValueError, match="must be square"):
+        zoo_crops.exactly_cropped(shapes, (48, 40), (0, 0), (32, 32))
     with pytest.raises(ValueError, match=r"crops_coords_top_left=\(30, 30\)"):
         zoo_crops.measure_cut_shares(pipe, evaluate.ShapeClassifier(), {"bad": ((48, 48), (30, 30), (32, 32))})
 
