@@ -152,7 +152,8 @@ def test_the_pipeline_draws_differently_for_other_crop_numbers_and_the_measure_c
     trainer = zoo_crops.train_crop_unet(vae, text_encoder, zoo_crops.CroppedShapesDataset(16, seed=1), config,
                                         progress=False)
     assert trainer.step == 3 and len(trainer.seconds) == 3
-    pipe = zoo_crops.CropConditionedPipeline(trainer.ema, vae, text_encoder, clip.Tokenizer(), zoo.scheduler_for(config))
+    pipe = zoo_crops.CropConditionedPipeline(trainer.ema, vae, text_encoder, clip.Tokenizer(),
+                                             zoo.scheduler_for(config))
     prompts = ["a large red circle at the top left", "a small blue square on the right"]
 
     def draw(**sizes):
