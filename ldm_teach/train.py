@@ -229,6 +229,11 @@ class DiffusionData:
     ``latents_mean`` holds the images and ``latents_std`` is None. ``contexts`` (U, L, D) holds
     the text encoder's output for each of the U distinct captions, ``caption_index`` (N,) the row
     of each image's caption, and ``empty_context`` (L, D) the output for ``""``.
+
+    For an SDXL-style U-Net (``addition_embed_type="text_time"``, Chapter 08) ``time_ids`` (N, K)
+    holds each image's size numbers (original size, crop corner, target size), and ``pooled``
+    (U, P) and ``empty_pooled`` (P,) the pooled prompt vectors that go with ``contexts`` and
+    ``empty_context``; all three are None for SD 1.x / 2.x U-Nets.
     """
 
     latents_mean: torch.Tensor
@@ -236,6 +241,9 @@ class DiffusionData:
     contexts: torch.Tensor
     caption_index: torch.Tensor
     empty_context: torch.Tensor
+    time_ids: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.latents_mean)
@@ -243,18 +251,32 @@ class DiffusionData:
 
 @torch.no_grad()
 def prepare_diffusion_data(images: torch.Tensor, captions: list[str], text_encoder: torch.nn.Module, tokenizer,
-                           vae: torch.nn.Module | None = None, batch_size: int = 256) -> DiffusionData:
+                           vae: torch.nn.Module | None = None, batch_size: int = 256,
+                           time_ids: torch.Tensor | None = None) -> DiffusionData:
     """Encode images (N, 3, H, W) in [-1, 1] with the frozen VAE (None: stay in pixel space) and the
     distinct captions with the frozen text encoder, once, for ``LatentDiffusionTrainer`` (Chapter 05,
-    section "The frozen parts")."""
+    section "The frozen parts").
+
+    With ``time_ids`` (N, K), the size numbers of each image, the data is for an SDXL-style U-Net
+    (Chapter 08, "Micro-conditioning"): the captions' pooled vectors are kept too (``pooled_prompt``).
+    """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions; pass one caption per image.")
+    if time_ids is not None and (time_ids.ndim != 2 or len(time_ids) != len(images)):
+        raise ValueError(f"time_ids has shape {tuple(time_ids.shape)}; pass (N, K) with one row per image "
+                         f"(N = {len(images)}), e.g. K = 6 numbers from unet_sdxl.micro_conditioning.")
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
     encoder_device = next(text_encoder.parameters()).device
-    contexts = torch.cat([text_encoder(tokenizer(distinct[i:i + batch_size]).to(encoder_device)).float().cpu()
-                          for i in range(0, len(distinct), batch_size)])  # (U, 77, D)
-    empty_context = text_encoder(tokenizer([""]).to(encoder_device))[0].float().cpu()  # (77, D)
+    chunks = [tokenizer(distinct[i:i + batch_size]).to(encoder_device) for i in range(0, len(distinct), batch_size)]
+    empty_ids = tokenizer([""]).to(encoder_device)  # (1, 77)
+    contexts = torch.cat([text_encoder(ids).float().cpu() for ids in chunks])  # (U, 77, D)
+    empty_context = text_encoder(empty_ids)[0].float().cpu()  # (77, D)
+    pooled = empty_pooled = None
+    if time_ids is not None:
+        pooled = torch.cat([pooled_prompt(text_encoder, ids).float().cpu() for ids in chunks])  # (U, P)
+        empty_pooled = pooled_prompt(text_encoder, empty_ids)[0].float().cpu()  # (P,)
+        time_ids = time_ids.float().cpu()
     if vae is None:
         means, stds = images.float(), None
     else:
@@ -262,7 +284,15 @@ def prepare_diffusion_data(images: torch.Tensor, captions: list[str], text_encod
         posteriors = [vae.encode(images[i:i + batch_size].to(vae_device)) for i in range(0, len(images), batch_size)]
         means = torch.cat([p.mean.float().cpu() for p in posteriors]) * vae.scaling_factor  # (N, C, h, w)
         stds = torch.cat([p.std.float().cpu() for p in posteriors]) * vae.scaling_factor
-    return DiffusionData(means, stds, contexts, torch.tensor([row[c] for c in captions]), empty_context)
+    return DiffusionData(means, stds, contexts, torch.tensor([row[c] for c in captions]), empty_context,
+                         time_ids, pooled, empty_pooled)
+
+
+def pooled_prompt(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """ids (B, 77) -> the prompt as one vector (B, P), SDXL's ``text_embeds``: the end token's feature,
+    projected where the encoder has a projection (SDXL's second encoder), as it is (the tiny encoder)."""
+    output = text_encoder.encode(ids)
+    return output.pooler_output if output.text_embeds is None else output.text_embeds
 
 
 class PixelSpace(torch.nn.Module):
@@ -420,6 +450,11 @@ class LatentDiffusionTrainer:
         if data.latents_mean.shape[1] != unet.config.in_channels:
             raise ValueError(f"the data has {data.latents_mean.shape[1]} channels but the U-Net takes "
                              f"{unet.config.in_channels} (unet.config.in_channels); build the U-Net for this data.")
+        sdxl = unet.config.addition_embed_type == "text_time"
+        if sdxl != (data.time_ids is not None):
+            raise ValueError(f"the U-Net's addition_embed_type is {unet.config.addition_embed_type!r} "
+                             f"but the data's time_ids are {'missing' if sdxl else 'given'}; an SDXL-style U-Net "
+                             "('text_time') needs prepare_diffusion_data(..., time_ids=...), any other none.")
         self.device = device = next(unet.parameters()).device
         self.ema = copy.deepcopy(unet).requires_grad_(False)
         self.alphas_cumprod = DDPMScheduler(**config.scheduler_config()).alphas_cumprod  # ᾱ_t, (T,)
@@ -444,6 +479,7 @@ class LatentDiffusionTrainer:
             latents = latents + data.latents_std[index] * torch.randn(latents.shape, generator=generator)
         context = caption_dropout(data.contexts[data.caption_index[index]], data.empty_context,
                                   config.caption_dropout, generator)  # (B, 77, D)
+        added_cond_kwargs = None if data.time_ids is None else self.added_conditioning(index, context)
         for group in self.optimizer.param_groups:
             group["lr"] = config.learning_rate_at(self.step)
         self.unet.train()
@@ -451,7 +487,7 @@ class LatentDiffusionTrainer:
                             enabled=self.autocast_dtype is not None):
             loss = diffusion.diffusion_loss(self.unet, latents.to(self.device), self.alphas_cumprod,
                                             context.to(self.device), prediction_type=config.prediction_type,
-                                            generator=generator)
+                                            generator=generator, added_cond_kwargs=added_cond_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -461,6 +497,15 @@ class LatentDiffusionTrainer:
         ema_update(self.ema, self.unet, config.ema_decay_at(self.step))
         self.step += 1
         return loss.item()
+
+    def added_conditioning(self, index: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An SDXL-style U-Net's ``added_cond_kwargs`` for the batch ``index`` (Chapter 08): the size numbers,
+        and the pooled prompt, the empty prompt's where ``caption_dropout`` dropped the caption (its context
+        is then the empty prompt's, row for row), so that guidance later has a true unconditional prediction."""
+        data = self.data
+        dropped = (context == data.empty_context).flatten(1).all(dim=1)  # (B,)
+        pooled = torch.where(dropped[:, None], data.empty_pooled, data.pooled[data.caption_index[index]])  # (B, P)
+        return {"text_embeds": pooled.to(self.device), "time_ids": data.time_ids[index].to(self.device)}
 
     def train(self, until: int | None = None, max_seconds: float | None = None,
               callback: Callable[["LatentDiffusionTrainer"], None] | None = None, callback_every: int = 500,
