@@ -32,7 +32,9 @@ def test_the_standin_is_laid_out_as_the_hub_cache_holds_sd15(standin_hub_cache):
                                ("text_encoder", "model")]:
         assert {f"{component}/config.json", f"{component}/{weights}.safetensors",
                 f"{component}/{weights}.fp16.safetensors"} <= files
-    fetched = {p for p in pretrained.pipeline_file_patterns("fp16") if not p.startswith(("tokenizer/", "controlnet/"))}
+    sdxl_only = ("text_encoder_2/", "tokenizer_2/")  # SDXL repositories' second encoder; SD 1.5's has none
+    fetched = {p for p in pretrained.pipeline_file_patterns("fp16")
+               if not p.startswith(("tokenizer/", "controlnet/") + sdxl_only)}
     assert fetched <= files  # what load_pipeline fetches (only ControlNet repositories have a controlnet/ folder)
     assert {"tokenizer/vocab.json", "tokenizer/merges.txt", "feature_extractor/preprocessor_config.json"} <= files
     for name in files:  # every file a relative link into blobs/, weights named by their SHA-256 as git LFS does
