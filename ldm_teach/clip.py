@@ -22,7 +22,7 @@ import json
 import math
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import regex
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_tensor
+from .checks import as_int, check_tensor
 
 BUNDLED_VOCABULARY = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN = "<|startoftext|>"
@@ -200,6 +200,30 @@ class Tokenizer:
         self.pad_token = pad_token
         self.start_id, self.end_id, self.pad_id = vocabulary[START_TOKEN], vocabulary[END_TOKEN], vocabulary[pad_token]
         self.cache: dict[str, list[str]] = {}
+        self.added_tokens: list[str] = []  # tokens add_tokens appended; tokenize keeps them whole
+        self.special = SPECIAL_TOKENS
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Give each new token the next free id and keep it whole wherever it appears in a prompt.
+
+        This is how a learnt concept joins the vocabulary (textual inversion, chapter 09): ``"<cross>"``
+        becomes one id instead of the BPE pieces ``<``, ``cross``, ``>``. The text encoder then needs
+        an embedding row for each new id (``TextEncoder.resize_token_embeddings``)."""
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        ids = []
+        for token in tokens:
+            if not isinstance(token, str) or not token or any(character.isspace() for character in token):
+                raise ValueError(f"token={token!r} must be a non-empty str without spaces, e.g. '<cross>'.")
+            if token in self.encoder:
+                raise ValueError(f"token={token!r} is already in the vocabulary (id {self.encoder[token]}); "
+                                 f"pick a new string such as '<{token.strip('<>')}-1>'.")
+            ids.append(len(self.encoder))
+            self.encoder[token], self.decoder[ids[-1]] = ids[-1], token + "</w>"  # decodes as a whole word
+            self.added_tokens.append(token)
+        whole = sorted([START_TOKEN, END_TOKEN, *self.added_tokens], key=len, reverse=True)  # longest first
+        self.special = regex.compile("(" + "|".join(regex.escape(token) for token in whole) + ")")
+        return ids
 
     @property
     def vocab_size(self) -> int:
@@ -229,8 +253,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a str, got {type(text).__name__}: {text!r:.80}.")
         tokens = []
-        for piece in SPECIAL_TOKENS.split(text):
-            if piece in (START_TOKEN, END_TOKEN):
+        for piece in self.special.split(text):
+            if piece in (START_TOKEN, END_TOKEN) or piece in self.added_tokens:
                 tokens.append(piece)
                 continue
             for word in PRE_SPLIT.findall(clean_text(piece)):
@@ -466,6 +490,19 @@ class TextEncoder(nn.Module):
         pooled = last_hidden_state[torch.arange(len(ids), device=ids.device), end]  # (B, D)
         text_embeds = None if self.text_projection is None else self.text_projection(pooled)  # (B, projection_dim)
         return TextEncoderOutput(last_hidden_state, hidden_states, pooled, text_embeds)
+
+    def resize_token_embeddings(self, vocab_size: int) -> nn.Embedding:
+        """Grow the token embedding table to ``vocab_size`` rows for tokens a tokenizer added; the old rows
+        are kept as they are, each new row starts as the mean of the old ones (chapter 09)."""
+        vocab_size = as_int(vocab_size, "vocab_size", minimum=self.config.vocab_size)
+        old = self.token_embedding.weight
+        table = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            table.weight[:len(old)] = old
+            table.weight[len(old):] = old.mean(dim=0)
+        self.token_embedding = table.requires_grad_(old.requires_grad)
+        self.config = replace(self.config, vocab_size=vocab_size)
+        return table
 
     def run_layers(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The embeddings and each layer's output, (num_hidden_layers + 1) x (B, L, D)."""

@@ -87,3 +87,26 @@ def test_bad_input_names_the_value():
     lora.add_lora(unet, rank=2)
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.add_lora(unet, rank=2)
+
+
+def test_added_token_is_kept_whole_and_gets_an_embedding_row():
+    tokenizer = clip.Tokenizer()
+    before = tokenizer.encode("a small red <cross> in the center")
+    (new_id,) = tokenizer.add_tokens(["<cross>"])
+    assert new_id == 49408 and tokenizer.vocab_size == 49409
+    ids = tokenizer.encode("a small red <cross> in the center")
+    assert len(ids) == len(before) - 2 and new_id in ids  # "<", "cross", ">" became one token
+    assert tokenizer.decode(ids) == "a small red <cross> in the center"
+    assert tokenizer.encode("a small red cross") == clip.Tokenizer().encode("a small red cross")
+    with pytest.raises(ValueError, match="already in the vocabulary"):
+        tokenizer.add_tokens(["<cross>"])
+    with pytest.raises(ValueError, match="already in the vocabulary"):
+        tokenizer.add_tokens(["red</w>"])
+    torch.manual_seed(0)
+    encoder = clip.TextEncoder(clip.TextEncoderConfig.tiny())
+    ids_before = clip.Tokenizer()("a small red square")
+    features = encoder(ids_before)
+    encoder.resize_token_embeddings(tokenizer.vocab_size)
+    assert encoder.token_embedding.weight.shape == (49409, 64) and encoder.config.vocab_size == 49409
+    assert torch.equal(encoder(ids_before), features)  # old tokens read as before
+    assert encoder(tokenizer("a small red <cross>")).shape == (1, 77, 64)
