@@ -363,24 +363,33 @@ def pipeline_file_patterns(variant: str | None = None) -> list[str]:
             "tokenizer_2/*"]  # SDXL only (Chapter 08)
 
 
-def check_model_index(root: Path) -> None:
-    """Refuse a pipeline folder whose ``model_index.json`` or component folders ldm_teach cannot build from."""
+def named_class(index: dict, name: str) -> str | None:
+    """The class ``model_index.json`` names for component ``name``: None when absent or ``[null, null]``."""
+    entry = index.get(name)
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+
+
+def check_model_index(root: Path, components: dict[str, tuple[str, ...]] = PIPELINE_COMPONENTS,
+                      optional: tuple[str, ...] = (), what: str = "Stable Diffusion pipeline") -> None:
+    """Refuse a pipeline folder whose ``model_index.json`` or component folders ldm_teach cannot build from.
+
+    ``components`` maps each folder to the classes we build it from; those in ``optional`` may be absent."""
     index = read_config(root, "model_index.json")
     problems = []
-    for name, classes in PIPELINE_COMPONENTS.items():
-        entry = index.get(name)
-        class_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    for name, classes in components.items():
+        class_name = named_class(index, name)
         if class_name is None:
-            problems.append(f"model_index.json names no {name}")
+            if name not in optional:
+                problems.append(f"model_index.json names no {name}")
         elif class_name not in classes:
             problems.append(f"its {name} is a {class_name}; ldm_teach builds only {' or '.join(classes)}")
         elif not (root / name).is_dir():
             problems.append(f"the {name}/ folder is missing")
     if problems:
+        needed = ", ".join(f"{name}/" for name in components if name not in optional)
         raise FileNotFoundError(
-            f"{root} is not a complete Stable Diffusion pipeline folder: " + "; ".join(problems) + ". A folder "
-            "that diffusers' save_pretrained writes (or a full download of the repository) has model_index.json "
-            "and the folders unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
+            f"{root} is not a complete {what} folder: " + "; ".join(problems) + ". A folder that diffusers' "
+            f"save_pretrained writes (or a full download of the repository) has model_index.json and {needed}."
         )
 
 

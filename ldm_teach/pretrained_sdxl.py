@@ -18,8 +18,8 @@ import torch
 from .clip import Tokenizer
 from .pipeline_sdxl import StableDiffusionXL
 from .pipeline_sdxl_refiner import StableDiffusionXLImg2Img
-from .pretrained import (PIPELINE_COMPONENTS, load_text_encoder, load_unet, load_vae, read_config,
-                         scheduler_from_config)
+from .pretrained import (PIPELINE_COMPONENTS, check_model_index, load_text_encoder, load_unet, load_vae,
+                         named_class, read_config, scheduler_from_config)
 
 # model_index.json's _class_name -> the class load_sdxl_pipeline builds
 SDXL_PIPELINE_CLASSES = {
@@ -33,33 +33,6 @@ SDXL_COMPONENTS = {**PIPELINE_COMPONENTS, "text_encoder_2": ("CLIPTextModelWithP
 OPTIONAL_COMPONENTS = {"StableDiffusionXLImg2ImgPipeline": ("text_encoder", "tokenizer")}
 
 
-def named_class(index: dict, name: str) -> str | None:
-    """The class ``model_index.json`` names for component ``name``: None when absent or ``[null, null]``."""
-    entry = index.get(name)
-    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
-
-
-def check_sdxl_model_index(root: Path, index: dict, class_name: str) -> None:
-    """Refuse an SDXL folder whose ``model_index.json`` or component folders ldm_teach cannot build from."""
-    optional = OPTIONAL_COMPONENTS.get(class_name, ())
-    problems = []
-    for name, classes in SDXL_COMPONENTS.items():
-        component_class = named_class(index, name)
-        if component_class is None:
-            if name not in optional:
-                problems.append(f"model_index.json names no {name}")
-        elif component_class not in classes:
-            problems.append(f"its {name} is a {component_class}; ldm_teach builds only {' or '.join(classes)}")
-        elif not (root / name).is_dir():
-            problems.append(f"the {name}/ folder is missing")
-    if problems:
-        needed = ", ".join(f"{name}/" for name in SDXL_COMPONENTS if name not in optional)
-        raise FileNotFoundError(
-            f"{root} is not a complete {class_name} folder: " + "; ".join(problems) + ". A folder that diffusers' "
-            f"save_pretrained writes (or a full download of the repository) has model_index.json and {needed}."
-        )
-
-
 def load_sdxl_pipeline(root: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                        variant: str | None = None) -> StableDiffusionXL:
     """The SDXL pipeline class the folder's ``model_index.json`` names, its parts loaded strictly.
@@ -71,7 +44,7 @@ def load_sdxl_pipeline(root: Path, dtype: torch.dtype = torch.float32, device: t
     if class_name not in SDXL_PIPELINE_CLASSES:
         raise ValueError(f"{root}/model_index.json names a {class_name}; of the SDXL pipelines ldm_teach builds "
                          f"{sorted(SDXL_PIPELINE_CLASSES)}.")
-    check_sdxl_model_index(root, index, class_name)
+    check_model_index(root, SDXL_COMPONENTS, OPTIONAL_COMPONENTS.get(class_name, ()), class_name)
     weights = dict(dtype=dtype, device=device, variant=variant)
     has_first = {name: named_class(index, name) is not None for name in ("text_encoder", "tokenizer")}
     components = dict(

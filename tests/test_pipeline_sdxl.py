@@ -1,61 +1,26 @@
 """ldm_teach.pipeline_sdxl against diffusers' StableDiffusionXLPipeline on the same tiny random weights."""
-import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import StableDiffusionXLPipeline
+from tiny_sdxl import perturbed, sdxl_parts, sdxl_unet
 
 from ldm_teach import pipeline, pretrained
-from ldm_teach.clip import BUNDLED_VOCABULARY, Tokenizer, clip_vocabulary, read_bpe_merges
+from ldm_teach.clip import Tokenizer
 from ldm_teach.pipeline_sdxl import StableDiffusionXL
 
 TOLERANCE = 3e-3  # DESIGN.md's bar for seeded images
 PROMPTS = ["a red circle at the top left", "a small blue square"]
 
 
-def write_vocabulary(folder):
-    merges = read_bpe_merges(BUNDLED_VOCABULARY)
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(clip_vocabulary(merges)), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
-
-
 @pytest.fixture(scope="module")
 def reference_folder(tmp_path_factory):
-    """A tiny random SDXL pipeline, as diffusers' own tests build it (two CLIP encoders, the second with its
-    projection and eos_token_id 2; a U-Net with a level without attention and the added embedding), saved."""
+    """A tiny random SDXL pipeline (tests/tiny_sdxl.py), saved by diffusers."""
     root = tmp_path_factory.mktemp("tiny_sdxl")
-    vocabulary = write_vocabulary(root / "vocabulary")
-    tokenizer = CLIPTokenizer(*vocabulary, model_max_length=77)
-    tokenizer_2 = CLIPTokenizer(*vocabulary, model_max_length=77, pad_token="!")  # OpenCLIP pads with "!"
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
-                        scaling_factor=0.13025)
-    text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_act="gelu")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32))
-    with torch.no_grad():  # perturb the norms' 1s and 0s (and the zero biases) so a skipped one shows
-        for model in (unet, vae, text_encoder, text_encoder_2):
-            for name, parameter in model.named_parameters():
-                if "norm" in name or (parameter == 0).all():
-                    parameter.add_(0.1 * torch.randn_like(parameter))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # SDXL base's
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     add_watermarker=False)
+    (unet,) = perturbed(sdxl_unet())
+    pipe = StableDiffusionXLPipeline(unet=unet, **sdxl_parts(root / "vocabulary"), add_watermarker=False)
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
 

@@ -5,13 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tiny_sdxl import perturbed, sdxl_parts, sdxl_unet
 
 from ldm_teach import pipeline, pretrained
-from ldm_teach.clip import BUNDLED_VOCABULARY, clip_vocabulary, read_bpe_merges
 from ldm_teach.pipeline_sdxl import StableDiffusionXL
 from ldm_teach.pipeline_sdxl_refiner import StableDiffusionXLImg2Img, aesthetic_conditioning
 
@@ -19,52 +17,19 @@ TOLERANCE = 3e-3  # DESIGN.md's bar for seeded images
 PROMPTS = ["a red circle at the top left", "a small blue square"]
 
 
-def tiny_unet(cross_attention_dim, time_ids):
-    """An SDXL-style U-Net: a level without attention, the added embedding of the pooled prompt (32) and
-    ``time_ids`` numbers of 8 features each."""
-    return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + time_ids * 8)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A tiny random SDXL base and refiner sharing their VAE and second text encoder, as the real pair does;
-    the refiner has no first encoder (context 32 wide), 5 time_ids and force_zeros_for_empty_prompt=False,
-    as stabilityai's refiner folder says. Both saved by diffusers' save_pretrained."""
+    """A tiny random SDXL base and refiner (tests/tiny_sdxl.py) sharing their VAE and second text encoder, as
+    the real pair does; the refiner has no first encoder (context 32 wide), 5 time_ids and
+    force_zeros_for_empty_prompt=False, as stabilityai's refiner folder says. Both saved by diffusers."""
     root = tmp_path_factory.mktemp("tiny_sdxl_pair")
-    merges = read_bpe_merges(BUNDLED_VOCABULARY)
-    (root / "vocab.json").write_text(json.dumps(clip_vocabulary(merges)), encoding="utf-8")
-    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                     encoding="utf-8")
-    vocabulary = (str(root / "vocab.json"), str(root / "merges.txt"))
-    tokenizer = CLIPTokenizer(*vocabulary, model_max_length=77)
-    tokenizer_2 = CLIPTokenizer(*vocabulary, model_max_length=77, pad_token="!")  # OpenCLIP pads with "!"
     torch.manual_seed(0)
-    base_unet, refiner_unet = tiny_unet(64, time_ids=6), tiny_unet(32, time_ids=5)
-    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
-                        scaling_factor=0.13025)
-    text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_act="gelu")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32))
-    with torch.no_grad():  # perturb the norms' 1s and 0s (and the zero biases) so a skipped one shows
-        for model in (base_unet, refiner_unet, vae, text_encoder, text_encoder_2):
-            for name, parameter in model.named_parameters():
-                if "norm" in name or (parameter == 0).all():
-                    parameter.add_(0.1 * torch.randn_like(parameter))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # SDXL's
-    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                              tokenizer_2=tokenizer_2, unet=base_unet, scheduler=scheduler,
-                              add_watermarker=False).save_pretrained(root / "base")
-    StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
-                                     tokenizer_2=tokenizer_2, unet=refiner_unet, scheduler=scheduler,
-                                     requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    base_unet, refiner_unet = perturbed(sdxl_unet(64, time_ids=6), sdxl_unet(32, time_ids=5))
+    parts = sdxl_parts(root / "vocabulary")
+    StableDiffusionXLPipeline(unet=base_unet, **parts, add_watermarker=False).save_pretrained(root / "base")
+    refiner_parts = {**parts, "text_encoder": None, "tokenizer": None}
+    StableDiffusionXLImg2ImgPipeline(unet=refiner_unet, **refiner_parts, requires_aesthetics_score=True,
+                                     force_zeros_for_empty_prompt=False,
                                      add_watermarker=False).save_pretrained(root / "refiner")
     return root / "base", root / "refiner"
 
