@@ -19,9 +19,9 @@ cd "$(dirname "$0")/.."
 name=${1:-}
 case "$name" in
   colab-current)   # Colab's runtime since 2026-08 (Python 3.13 there)
-    pins=(diffusers==0.39.0 transformers==5.15.0 numpy==2.1.3 huggingface_hub==1.27.0) ;;
+    pins=(diffusers==0.39.0 transformers==5.15.0 numpy==2.1.3 huggingface_hub==1.27.0 peft==0.21.2) ;;
   colab-previous)  # Colab's 2026.01 runtime (Python 3.12 there)
-    pins=(diffusers==0.36.0 transformers==4.57.6 numpy==2.0.2) ;;
+    pins=(diffusers==0.36.0 transformers==4.57.6 numpy==2.0.2 peft==0.21.2) ;;
   *)
     echo "usage: $0 colab-current|colab-previous [pytest arguments, default: tests]" >&2
     exit 2 ;;
