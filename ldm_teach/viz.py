@@ -1,4 +1,4 @@
-"""Figures the chapters draw: image grids, 2-D sample clouds, source listings and sliders."""
+"""Figures the chapters draw: image grids, tables, 2-D sample clouds, source listings and sliders."""
 from __future__ import annotations
 
 import inspect
@@ -33,6 +33,40 @@ def show_images(images, titles=None, ncols: int | None = None, size: float = 2.0
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def image_grid(rows, row_labels, column_titles=None, size: float = 1.2, label_width: float = 2.4,
+               suptitle: str | None = None):
+    """Rows of (N, 3, H, W) images in [0, 1] (what ``output_type="pt"`` returns), each row labelled on its left."""
+    fig, axes = plt.subplots(len(rows), len(rows[0]), squeeze=False,
+                             figsize=(label_width + size * len(rows[0]), size * len(rows) + 0.5))
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        for c, image in enumerate(images):
+            axes[r, c].imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if column_titles and r == 0:
+                axes[r, c].set_title(column_titles[c], fontsize=9)
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.subplots_adjust(left=label_width / (label_width + size * len(rows[0])), wspace=0.05, hspace=0.1)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def markdown_table(header, rows) -> None:
+    """Display rows (lists of cells) as a Markdown table, which the book renders as a table."""
+    from IPython.display import Markdown, display
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    display(Markdown("\n".join(lines)))
+
+
+def spread(values, digits: int = 2) -> str:
+    """Mean, and the smallest and largest value over seeds, as 'mean (min to max)'."""
+    values = np.asarray(values)
+    return f"{values.mean():.{digits}f} ({values.min():.{digits}f} to {values.max():.{digits}f})"
 
 
 def scatter_2d(ax, points: torch.Tensor, title: str | None = None, color="C0", limit: float = 3.0):
