@@ -27,8 +27,8 @@ def shape(tensor_or_shape) -> str:
 
 def box(ax, x, y, text, kind="model", width=2.2, height=0.8, fontsize=9.5, **style):
     """A rounded box centred at (x, y), coloured by what it is (data, text, model, schedule, guide, loss)."""
-    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.04",
-                                facecolor=COLORS[kind], edgecolor="0.3", linewidth=1.1, **style))
+    style = {"facecolor": COLORS[kind], "edgecolor": "0.3", "linewidth": 1.1, **style}
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.04", **style))
     ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
 
 
@@ -345,5 +345,56 @@ def training_step(unet_config: UNetConfig | None = None, vae_config: VAEConfig |
     arrow(ax, (13.6, 2.75), (13.6, 1.3), f"ε̂ {shape(prediction)}", offset=(0.05, 0.1), fontsize=7.5)
     ax.text(4.2, 4.2, "the VAE and the text encoder never change; only the U-Net learns", ha="center",
             fontsize=8.5, color="0.35")
+    fig.tight_layout()
+    return fig
+
+
+# --- where each fine-tuning method changes the model (chapter 09) -----------------------------
+
+
+def fine_tuning(unet_config: UNetConfig | None = None, text_config: TextEncoderConfig | None = None,
+                rank: int = 4, new_tokens: int = 1, prompts: tuple[str, str] = ("a <cross>", "a sks square")):
+    """Three rows, one per method, of the path from prompt to noise prediction, with the part each method
+    trains drawn in red and its weight count measured on meta-device models: textual inversion (one new
+    row of the token embedding table), DreamBooth (the whole U-Net) and LoRA (rank-``rank`` adapters
+    beside the U-Net's attention projections). ``prompts``: textual inversion's, then DreamBooth's and LoRA's."""
+    from .lora import add_lora, lora_parameters  # diagrams draws the models; lora adapts them
+
+    unet_config, text_config = unet_config or UNetConfig.sd15(), text_config or TextEncoderConfig.sd15()
+    with torch.device("meta"):
+        unet, text_encoder = UNet(unet_config), TextEncoder(text_config)
+        unet_weights = sum(p.numel() for p in unet.parameters())
+        adapters = add_lora(unet, rank)
+        lora_weights = sum(p.numel() for p in lora_parameters(unet))
+    D, V = text_config.hidden_size, text_config.vocab_size
+    context = (1, text_config.max_position_embeddings, D)
+    rows = [("textual inversion", f"{new_tokens * D:,} weights: {new_tokens} new row{'s' * (new_tokens > 1)} of {D}",
+             "embedding"),
+            ("DreamBooth", f"{unet_weights:,} weights: the whole U-Net", "unet"),
+            ("LoRA", f"{lora_weights:,} weights: A and B on {len(adapters)} attention projections, rank {rank}", "lora")]
+    fig, ax = canvas(16, 2.6 * len(rows), (14, 2.1 * len(rows)))
+    trained = dict(facecolor=COLORS["loss"], edgecolor="#a33", linewidth=2.2)
+    for r, (method, count, part) in enumerate(rows):
+        y = 2.6 * (len(rows) - r) - 1.35
+        ax.text(0.1, y + 0.95, method, fontsize=11, fontweight="bold", va="center")
+        ax.text(3.0, y + 0.95, "trained: " + count, fontsize=9, va="center", color="#a33")
+        box(ax, 1.2, y, f'prompt\n"{prompts[0] if part == "embedding" else prompts[1]}"', "data",
+            width=1.9, height=0.9, fontsize=8.5)
+        box(ax, 3.6, y, "tokenizer", "text", width=1.6, height=0.9, fontsize=8.5)
+        box(ax, 6.2, y, f"token embedding\ntable ({V + (new_tokens if part == 'embedding' else 0):,} × {D})", "text",
+            width=2.4, height=0.9, fontsize=8.5, **(trained if part == "embedding" else {}))
+        box(ax, 8.9, y, "text encoder\n(frozen)", "text", width=1.8, height=0.9, fontsize=8.5)
+        box(ax, 12.6, y, "U-Net" + (" (trained)" if part == "unet" else " (frozen)") +
+            "\nResBlocks, attention\nto_q  to_k  to_v  to_out", "model", width=3.0, height=1.1, fontsize=8.5,
+            **(trained if part == "unet" else {}))
+        if part == "lora":
+            box(ax, 12.6, y - 0.9, "+ (α/r)·B A beside each", "loss", width=2.8, height=0.5, fontsize=8.5,
+                edgecolor="#a33", linewidth=2.2)
+        arrow(ax, (2.15, y), (2.8, y))
+        arrow(ax, (4.4, y), (5.0, y), "ids", offset=(0, 0.25))
+        arrow(ax, (7.4, y), (8.0, y))
+        arrow(ax, (9.8, y), (11.1, y), f"context {shape(context)}", offset=(0, 0.3), fontsize=7.5)
+        arrow(ax, (14.1, y), (15.2, y), "ε̂", offset=(0, 0.25))
+        ax.text(12.6, y + 0.75, "noisy latent $z_t$, t", ha="center", fontsize=8, color="0.35")
     fig.tight_layout()
     return fig

@@ -79,3 +79,20 @@ def test_sdxl_unet_diagram_shows_its_levels_and_transformer_depths():
     assert "64×64, 640 ch: 2× ResBlock + 2× transformer → down" in labels
     assert "middle: ResBlock + 10× transformer + ResBlock, (1, 1280, 32, 32)" in labels
     assert "pooled prompt & sizes" in labels and "(1, 77, 2048)" in labels and "(1, 4, 128, 128)" in labels
+
+
+def test_fine_tuning_diagram_counts_the_trained_weights():
+    from ldm_teach import lora
+
+    unet_config, text_config = UNetConfig.tiny(), TextEncoderConfig.tiny()
+    torch.manual_seed(0)
+    unet = UNet(unet_config)
+    unet_weights = sum(p.numel() for p in unet.parameters())
+    adapters = lora.add_lora(unet, rank=2)
+    lora_weights = sum(a.rank * (a.in_features + a.out_features) for a in adapters)
+    labels = texts(diagrams.fine_tuning(unet_config, text_config, rank=2, prompts=("a <star>", "a zwx circle")))
+    for expected in (f"trained: {text_config.hidden_size} weights: 1 new row of {text_config.hidden_size}",
+                     f"trained: {unet_weights:,} weights: the whole U-Net",
+                     f"trained: {lora_weights:,} weights: A and B on {len(adapters)} attention projections, rank 2",
+                     f"table ({text_config.vocab_size + 1:,} × 64)", '"a <star>"', '"a zwx circle"', "(1, 77, 64)"):
+        assert expected in labels, expected
