@@ -9,6 +9,8 @@ the model then runs at its old speed, with the adapter baked in.
 
 ``LoRALinear`` *is* an ``nn.Linear`` that shares the frozen layer's weight and bias, so the model's
 state dict keeps its old names (``...attn2.to_q.weight``) and only gains ``lora_A``/``lora_B``.
+The readers of the LoRA and textual-inversion files people share live in ``lora_files.py`` and are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -120,3 +122,8 @@ def remove_lora(model: nn.Module) -> int:
         layer.weight, layer.bias = adapter.weight, adapter.bias
         return layer
     return _replace_adapters(model, original)
+
+
+# the readers of shared files use LoRALinear, so they are imported after it
+from .lora_files import (add_embedding, expand_multi_vector, load_lora_into, read_embedding_file,  # noqa: E402
+                         read_lora_file)
