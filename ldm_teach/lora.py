@@ -124,6 +124,15 @@ def remove_lora(model: nn.Module) -> int:
     return _replace_adapters(model, original)
 
 
-# the readers of shared files use LoRALinear, so they are imported after it
-from .lora_files import (add_embedding, expand_multi_vector, load_lora_into, read_embedding_file,  # noqa: E402
-                         read_lora_file)
+
+FILE_READERS = ("read_lora_file", "load_lora_into", "read_embedding_file", "add_embedding", "expand_multi_vector")
+
+
+def __getattr__(name: str):
+    """``lora.read_lora_file`` and the other readers of shared files, which live in ``lora_files.py``; they build
+    on ``LoRALinear``, so they are imported on first use."""
+    if name in FILE_READERS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.lora_files"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
