@@ -9,6 +9,8 @@ the model then runs at its old speed, with the adapter baked in.
 
 ``LoRALinear`` *is* an ``nn.Linear`` that shares the frozen layer's weight and bias, so the model's
 state dict keeps its old names (``...attn2.to_q.weight``) and only gains ``lora_A``/``lora_B``.
+The readers of the LoRA and textual-inversion files people share live in ``lora_files.py`` and are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -120,3 +122,17 @@ def remove_lora(model: nn.Module) -> int:
         layer.weight, layer.bias = adapter.weight, adapter.bias
         return layer
     return _replace_adapters(model, original)
+
+
+
+FILE_READERS = ("read_lora_file", "load_lora_into", "read_embedding_file", "add_embedding", "expand_multi_vector")
+
+
+def __getattr__(name: str):
+    """``lora.read_lora_file`` and the other readers of shared files, which live in ``lora_files.py``; they build
+    on ``LoRALinear``, so they are imported on first use."""
+    if name in FILE_READERS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.lora_files"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

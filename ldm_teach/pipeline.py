@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checks import as_device, as_float, as_int, check_callable, check_generator, check_tensor
+from .lora_files import AdapterLoading
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -105,13 +106,14 @@ def to_output(images: torch.Tensor, output_type: str = "pil"):
 # --- the pipeline --------------------------------------------------------------------------
 
 
-class StableDiffusion:
+class StableDiffusion(AdapterLoading):
     """Text-to-image with a U-Net, a VAE, a CLIP text encoder and tokenizer, and a scheduler
     (Chapter 06, section "The pipeline").
 
     ``pipe(prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
     width=None, generator=None, output_type="pil")`` returns a ``PipelineOutput``, as diffusers'
-    ``StableDiffusionPipeline`` does. ``pipe.to(device, dtype)`` moves the three models together.
+    ``StableDiffusionPipeline`` does. ``pipe.to(device, dtype)`` moves the three models together;
+    ``pipe.load_lora_weights(path)`` and ``pipe.load_textual_inversion(path)`` read shared files (Chapter 09).
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
@@ -170,7 +172,7 @@ class StableDiffusion:
         """
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ids = self.tokenizer(prompts).to(self.text_encoder.token_embedding.weight.device)  # (B, 77)
+            ids = self.tokenizer(self.expand_prompts(prompts, self.tokenizer)).to(self.text_encoder.token_embedding.weight.device)  # (B, 77)
         for warning in caught:
             warn(str(warning.message).replace("prompt", what, 1))
         return self.text_encoder(ids).to(self.dtype)  # (B, 77, D)

@@ -125,7 +125,7 @@ class StableDiffusionXL(EditingPipeline):
         for tokenizer, encoder, texts in pairs:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ids = tokenizer(texts).to(self.device)  # (B, 77)
+                ids = tokenizer(self.expand_prompts(texts, tokenizer)).to(self.device)  # (B, 77)
             for warning in caught:
                 warn(str(warning.message).replace("prompt", what, 1))
             output = encoder.encode(ids)

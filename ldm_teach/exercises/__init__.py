@@ -15,6 +15,7 @@ from .editing import (check_blend_step, check_controlled_skips, check_inpainting
 from .diffusion import check_ddim_step, check_posterior_mean, check_q_sample, reference_ddim_step
 from .inference import (check_decode_latents, check_denoising_loop, check_guidance, reference_decode,
                         reference_denoising_loop, reference_guidance)
+from .lora import check_lora_forward, check_merge_lora_weight, reference_lora_forward, reference_merge_lora_weight
 from .overview import (check_attention_bytes, check_latent_shape, check_trainable_parameters,
                        reference_attention_bytes, reference_latent_shape, reference_trainable_parameters)
 from .training import check_caption_dropout, check_ema_update, check_training_step
@@ -32,8 +33,9 @@ __all__ = [
     "check_guidance", "check_denoising_loop", "check_decode_latents",
     "check_start_step", "check_blend_step", "check_inpainting_input", "check_controlled_skips",
     "check_velocity", "check_karras_sigmas", "check_euler_ancestral_step",
+    "check_lora_forward", "check_merge_lora_weight",
     "reference_latent_shape", "reference_attention_bytes", "reference_trainable_parameters",
     "reference_ddim_step", "reference_scaling_factor", "reference_causal_attention", "reference_zero_shot",
     "reference_timestep_embedding", "reference_guidance", "reference_denoising_loop", "reference_decode",
-    "reference_blend_step", "reference_controlled_skips",
+    "reference_blend_step", "reference_controlled_skips", "reference_lora_forward", "reference_merge_lora_weight",
 ]

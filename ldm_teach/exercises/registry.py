@@ -96,6 +96,10 @@ EXERCISES: tuple[Exercise, ...] = (
           "check_euler_ancestral_step", 2, sources=("samplers.EulerAncestralDiscreteScheduler.step",)),
     Exercise("ex-refiner-split", "08_bigger", "Where the refiner takes over", "computation", 15),
     Exercise("ex-prompt-2", "08_bigger", "A prompt for the second encoder", "open", 20),
+    _code("ex-lora-forward", "09_finetuning", "The LoRA layer's forward pass", 10, "lora_forward",
+          "check_lora_forward", sources=("lora.LoRALinear.forward",)),
+    _code("ex-lora-merge", "09_finetuning", "Merging a LoRA into its weight", 10, "merge_lora_weight",
+          "check_merge_lora_weight", sources=("lora.LoRALinear.delta_weight",)),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
