@@ -36,7 +36,7 @@ def named_color_and_shape(caption: str) -> tuple[str, str]:
 
 class ShapeClassifier(nn.Module):
     """Which of ``shapes`` (the four of the dataset by default) an image (B, 3, H, W) in [-1, 1] shows:
-    three conv layers, logits (B, len(shapes)). Chapter 09 adds the new shape: ``shapes=SHAPES + ("cross",)``."""
+    three conv layers, logits (B, len(shapes)). Chapter 09 adds a new shape: ``shapes=SHAPES + ("bar",)``."""
 
     def __init__(self, width: int = 16, shapes: tuple[str, ...] = data.SHAPES):
         super().__init__()
@@ -66,7 +66,7 @@ def train_shape_classifier(num_images: int = 2000, image_size: int = 32, steps: 
     Each batch gets Gaussian noise of a random strength (std up to 0.2), so that the imperfect
     pixels of generated images do not throw it off. Returns the model in eval mode. ``shapes`` are
     the classes (default: the dataset's four, exactly as the zoo's classifier is trained); chapter 09
-    passes ``data.SHAPES + data.NEW_SHAPES`` for a judge that knows the new concept.
+    adds one of ``data.NEW_SHAPES`` for a judge that knows the new concept.
     """
     dataset = data.ShapesDataset(num_images, image_size=image_size, seed=seed + 1000, shapes=shapes)
     images = dataset.tensors()  # (N, 3, H, W)

@@ -1,15 +1,15 @@
 """Teaching a trained text-to-image model a new concept from a handful of images (chapter 09).
 
 Three ways, each trained on the same few images of something the model has never seen (the zoo's
-model knows circles, squares, triangles and diamonds; chapter 09 shows it a dozen crosses):
+model knows circles, squares, triangles and diamonds; chapter 09 shows it a dozen flat bars):
 
-* **Textual inversion** (Gal et al., 2022): a new word ``"<cross>"`` joins the tokenizer, its
+* **Textual inversion** (Gal et al., 2022): a new word ``"<bar>"`` joins the tokenizer, its
   embedding row joins the text encoder's table, and only that one row (64 numbers for the tiny
   encoder, 768 for SD 1.5's) trains. The U-Net and every other weight stay exactly as they were:
   the concept must be expressible as a point in the text encoder's input space.
 * **DreamBooth** (Ruiz et al., 2022): the whole U-Net trains on captions with a rare identifier
   and the concept's class noun, "a small red sks square at the top left". Alone this teaches the
-  model that *squares* look like crosses ("language drift"); the **prior-preservation loss** adds,
+  model that *squares* look like bars ("language drift"); the **prior-preservation loss** adds,
   on every step, the ordinary denoising loss on class images that the frozen model drew for the
   class prompts ("a small red square at the top left"), so the class keeps its old meaning.
 * **LoRA** (Hu et al., 2021): DreamBooth's captions, but the U-Net is frozen and only low-rank
@@ -49,7 +49,7 @@ class FinetuneRecord:
 
 
 def concept_caption(spec: data.Shape, word: str) -> str:
-    """The caption of ``spec`` with ``word`` in the shape's place: "a small red <cross> at the top left"."""
+    """The caption of ``spec`` with ``word`` in the shape's place: "a small red <bar> at the top left"."""
     return f"a {spec.size} {spec.color} {word} {spec.position}"
 
 
@@ -58,7 +58,7 @@ def check_concept(images: torch.Tensor, captions: list[str]) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images={shape}: pass the concept's images as a (N, 3, H, W) tensor with N >= 1, "
-                         f"e.g. data.ShapesDataset(12, shapes=('cross',)).tensors().")
+                         f"e.g. data.ShapesDataset(12, shapes=('bar',)).tensors().")
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions; pass one caption per image.")
 
@@ -161,11 +161,11 @@ def with_parts(pipe: StableDiffusion, **parts) -> StableDiffusion:
 # --- the three methods -------------------------------------------------------------------------
 
 
-def textual_inversion(pipe: StableDiffusion, images: torch.Tensor, captions: list[str], token: str = "<cross>",
+def textual_inversion(pipe: StableDiffusion, images: torch.Tensor, captions: list[str], token: str = "<bar>",
                       initializer: str = "square", steps: int = 300, batch_size: int = 16,
                       learning_rate: float = 5e-3, seed: int = 0,
                       progress: bool = True) -> tuple[StableDiffusion, FinetuneRecord]:
-    """Learn one new word for the concept: ``captions`` name it as ``token`` ("a small red <cross> ...").
+    """Learn one new word for the concept: ``captions`` name it as ``token`` ("a small red <bar> ...").
 
     The new row starts as the embedding of ``initializer`` (a word whose meaning is near the concept's);
     only it trains, every other weight of the returned pipeline is bit-identical to ``pipe``'s.
@@ -175,13 +175,13 @@ def textual_inversion(pipe: StableDiffusion, images: torch.Tensor, captions: lis
         raise ValueError(f"initializer={initializer!r} must be one token of the vocabulary, e.g. 'square'.")
     if not any(token in caption.split() for caption in captions):
         raise ValueError(f"no caption names token={token!r}; write it where the shape's word goes, "
-                         f"e.g. {concept_caption(data.Shape('red', 'cross', 'small', 'at the top'), token)!r}.")
+                         f"e.g. {concept_caption(data.Shape('red', 'bar', 'small', 'at the top'), token)!r}.")
     tokenizer, text_encoder = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
     new_ids = tokenizer.add_tokens([token])  # refuses a token already in the vocabulary
     text_encoder.resize_token_embeddings(tokenizer.vocab_size)
     table = text_encoder.token_embedding.weight  # (V + 1, D)
     with torch.no_grad():
-        table[new_ids] = table[tokenizer.encode(initializer)[1]]
+        table[new_ids] = table[tokenizer.encode(initializer)[1]].clone()
     frozen_table = table.detach().clone()
     text_encoder.requires_grad_(False)
     table.requires_grad_(True)
