@@ -26,14 +26,14 @@ from . import data, evaluate, finetune, lora, runtime, zoo
 BUDGETS = {  # quick: 2 CPU cores, chapter 09 within 6 minutes; full: a Colab GPU
     "quick": dict(concept_images=12, class_images=48, seeds=3, eval_prompts=32,
                   classifier=dict(images=1000, steps=200, batch_size=64),
-                  textual_inversion=dict(steps=150, learning_rate=1e-2),
-                  dreambooth=dict(steps=100, learning_rate=2e-4),
-                  lora=dict(steps=150, learning_rate=2e-3, rank=4)),
+                  textual_inversion=dict(steps=100, learning_rate=1e-2),
+                  dreambooth=dict(steps=100, learning_rate=5e-4),
+                  lora=dict(steps=120, learning_rate=5e-3, rank=4)),
     "full": dict(concept_images=12, class_images=200, seeds=5, eval_prompts=128,
                  classifier=dict(images=4000, steps=600, batch_size=64),
                  textual_inversion=dict(steps=600, learning_rate=5e-3),
-                 dreambooth=dict(steps=400, learning_rate=1e-4),
-                 lora=dict(steps=600, learning_rate=1e-3, rank=4)),
+                 dreambooth=dict(steps=400, learning_rate=2e-4),
+                 lora=dict(steps=500, learning_rate=2e-3, rank=4)),
 }
 CONCEPT = "bar"  # the zoo's VAE cannot draw a cross (data.NEW_SHAPES), so the concept is a bar
 TOKEN = "<bar>"  # textual inversion's new word

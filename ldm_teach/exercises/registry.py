@@ -96,6 +96,10 @@ EXERCISES: tuple[Exercise, ...] = (
           "check_euler_ancestral_step", 2, sources=("samplers.EulerAncestralDiscreteScheduler.step",)),
     Exercise("ex-refiner-split", "08_bigger", "Where the refiner takes over", "computation", 15),
     Exercise("ex-prompt-2", "08_bigger", "A prompt for the second encoder", "open", 20),
+    _code("ex-ti-update", "09_finetuning", "Textual inversion's update", 10, "textual_inversion_update",
+          "check_ti_update", sources=("finetune.textual_inversion_update",)),
+    _code("ex-prior-loss", "09_finetuning", "The prior-preservation loss", 10, "prior_preservation_loss",
+          "check_prior_loss", sources=("finetune.prior_preservation_loss",)),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
