@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from . import data, evaluate, finetune, lora, runtime, zoo
 
 BUDGETS = {  # quick: 2 CPU cores, chapter 09 within 6 minutes; full: a Colab GPU
-    "quick": dict(concept_images=12, class_images=48, seeds=3, eval_prompts=32,
+    "quick": dict(concept_images=12, class_images=48, seeds=3, eval_prompts=24,
                   classifier=dict(images=1000, steps=200, batch_size=64),
-                  textual_inversion=dict(steps=100, learning_rate=1e-2),
+                  textual_inversion=dict(steps=60, learning_rate=1e-2),
                   dreambooth=dict(steps=100, learning_rate=5e-4),
-                  lora=dict(steps=120, learning_rate=5e-3, rank=4)),
+                  lora=dict(steps=100, learning_rate=5e-3, rank=4)),
     "full": dict(concept_images=12, class_images=200, seeds=5, eval_prompts=128,
                  classifier=dict(images=4000, steps=600, batch_size=64),
                  textual_inversion=dict(steps=600, learning_rate=5e-3),
