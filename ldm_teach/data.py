@@ -27,6 +27,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
+# Shapes the zoo's models never see: ``render`` can draw them, but no dataset holds them unless asked
+# (``ShapesDataset(shapes=("bar",))``), so chapter 09 has a concept to teach a trained model. The zoo's
+# VAE keeps a bar (a square stretched sideways) but turns a cross into a diamond-like blob: its decoder
+# learnt only the four shapes' outlines, so no fine-tune of the U-Net or the text can draw a cross.
+NEW_SHAPES = ("bar", "cross")
 SIZES = {"small": 0.28, "large": 0.48}  # side of the shape's box, as a fraction of the image side
 POSITIONS = {  # centre of the shape as (x, y) fractions of the image side
     "at the top left": (0.28, 0.28), "at the top": (0.5, 0.28), "at the top right": (0.72, 0.28),
@@ -61,7 +66,11 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (v <= 0.85) & (np.abs(u) <= (v + 0.85) / 1.7)
     if shape == "diamond":
         return np.abs(u) + np.abs(v) <= 1.0
-    raise ValueError(f"shape={shape!r} is not known; use one of {SHAPES}.")
+    if shape == "bar":  # a flat rectangle, as wide as the box and not half as tall
+        return (np.abs(u) <= 0.95) & (np.abs(v) <= 0.4)
+    if shape == "cross":  # a plus sign: two bars a third of the box wide
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.9)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.9))
+    raise ValueError(f"shape={shape!r} is not known; use one of {SHAPES + NEW_SHAPES}.")
 
 
 def render(spec: Shape, image_size: int = 32, jitter: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
@@ -89,13 +98,17 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Items are ``(image, caption)`` with image a float tensor (3, H, W) in [-1, 1], the range
     the VAE and the diffusion models expect. ``exclude`` removes (color, shape) pairs, to test
-    whether a model composes pairs it never saw.
+    whether a model composes pairs it never saw. ``shapes`` may name the ``NEW_SHAPES`` too:
+    ``ShapesDataset(12, shapes=("bar",))`` is chapter 09's handful of images of a new concept.
     """
 
     def __init__(self, num_samples: int = 1000, image_size: int = 32, seed: int = 0,
                  colors=tuple(COLORS), shapes=SHAPES, exclude: tuple[tuple[str, str], ...] = ()):
         num_samples = as_int(num_samples, "num_samples", minimum=0)
         image_size = as_int(image_size, "image_size")
+        unknown = [shape for shape in shapes if shape not in SHAPES + NEW_SHAPES]
+        if unknown or not shapes:
+            raise ValueError(f"shapes={tuple(shapes)!r}: use one or more of {SHAPES + NEW_SHAPES}.")
         if image_size < 8:
             raise ValueError(f"image_size={image_size} is too small to draw a shape; use 8 or more (32 is the default).")
         allowed = [(c, s) for c in colors for s in shapes if (c, s) not in set(exclude)]

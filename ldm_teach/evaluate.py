@@ -35,40 +35,45 @@ def named_color_and_shape(caption: str) -> tuple[str, str]:
 
 
 class ShapeClassifier(nn.Module):
-    """Which of the four shapes an image (B, 3, H, W) in [-1, 1] shows: three conv layers, logits (B, 4)."""
+    """Which of ``shapes`` (the four of the dataset by default) an image (B, 3, H, W) in [-1, 1] shows:
+    three conv layers, logits (B, len(shapes)). Chapter 09 adds a new shape: ``shapes=SHAPES + ("bar",)``."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, shapes: tuple[str, ...] = data.SHAPES):
         super().__init__()
+        self.shapes = tuple(shapes)
         self.features = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.SiLU(),
         )
-        self.head = nn.Linear(4 * width, len(data.SHAPES))
+        self.head = nn.Linear(4 * width, len(self.shapes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).amax(dim=(2, 3)))  # (B, 4 width) -> (B, 4)
+        return self.head(self.features(images).amax(dim=(2, 3)))  # (B, 4 width) -> (B, len(shapes))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[str]:
         """The shape name of each image."""
         device = next(self.parameters()).device
-        return [data.SHAPES[i] for i in self(images.float().to(device)).argmax(dim=1).tolist()]
+        return [self.shapes[i] for i in self(images.float().to(device)).argmax(dim=1).tolist()]
 
 
 def train_shape_classifier(num_images: int = 2000, image_size: int = 32, steps: int = 300, batch_size: int = 64,
-                           seed: int = 0, progress: bool = True) -> ShapeClassifier:
+                           seed: int = 0, progress: bool = True,
+                           shapes: tuple[str, ...] = data.SHAPES) -> ShapeClassifier:
     """Train a ``ShapeClassifier`` on freshly drawn shapes, all colors and positions, for a few seconds.
 
     Each batch gets Gaussian noise of a random strength (std up to 0.2), so that the imperfect
-    pixels of generated images do not throw it off. Returns the model in eval mode.
+    pixels of generated images do not throw it off. Returns the model in eval mode. ``shapes`` are
+    the classes (default: the dataset's four, exactly as the zoo's classifier is trained); chapter 09
+    adds one of ``data.NEW_SHAPES`` for a judge that knows the new concept.
     """
-    dataset = data.ShapesDataset(num_images, image_size=image_size, seed=seed + 1000)
+    dataset = data.ShapesDataset(num_images, image_size=image_size, seed=seed + 1000, shapes=shapes)
     images = dataset.tensors()  # (N, 3, H, W)
-    labels = torch.tensor([data.SHAPES.index(spec.shape) for spec in dataset.specs])  # (N,)
+    labels = torch.tensor([shapes.index(spec.shape) for spec in dataset.specs])  # (N,)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    classifier = ShapeClassifier()
+    classifier = ShapeClassifier(shapes=shapes)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3)
     for _ in tqdm(range(steps), desc="training the shape classifier", disable=not progress):
         index = torch.randint(0, len(images), (batch_size,), generator=generator)

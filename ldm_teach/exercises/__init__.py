@@ -12,6 +12,7 @@ from .clip import (check_bpe_merge, check_causal_attention, check_contrastive_lo
                    reference_causal_attention, reference_zero_shot)
 from .editing import (check_blend_step, check_controlled_skips, check_inpainting_input, check_start_step,
                       reference_blend_step, reference_controlled_skips)
+from .finetune import check_prior_loss, check_ti_update
 from .diffusion import check_ddim_step, check_posterior_mean, check_q_sample, reference_ddim_step
 from .inference import (check_decode_latents, check_denoising_loop, check_guidance, reference_decode,
                         reference_denoising_loop, reference_guidance)
@@ -34,6 +35,7 @@ __all__ = [
     "check_start_step", "check_blend_step", "check_inpainting_input", "check_controlled_skips",
     "check_velocity", "check_karras_sigmas", "check_euler_ancestral_step",
     "check_lora_forward", "check_merge_lora_weight",
+    "check_ti_update", "check_prior_loss",
     "reference_latent_shape", "reference_attention_bytes", "reference_trainable_parameters",
     "reference_ddim_step", "reference_scaling_factor", "reference_causal_attention", "reference_zero_shot",
     "reference_timestep_embedding", "reference_guidance", "reference_denoising_loop", "reference_decode",

@@ -100,6 +100,10 @@ EXERCISES: tuple[Exercise, ...] = (
           "check_lora_forward", sources=("lora.LoRALinear.forward",)),
     _code("ex-lora-merge", "09_finetuning", "Merging a LoRA into its weight", 10, "merge_lora_weight",
           "check_merge_lora_weight", sources=("lora.LoRALinear.delta_weight",)),
+    _code("ex-ti-update", "09_finetuning", "Textual inversion's update", 10, "textual_inversion_update",
+          "check_ti_update", sources=("finetune.textual_inversion_update",)),
+    _code("ex-prior-loss", "09_finetuning", "The prior-preservation loss", 10, "prior_preservation_loss",
+          "check_prior_loss", sources=("finetune.prior_preservation_loss",)),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
