@@ -15,6 +15,7 @@ Nothing here is cached: the chapter trains it all in view (quick profile: about 
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -87,7 +88,8 @@ def compare_methods(profile: str | None = None, progress: bool = True, device=No
     """Train every method for ``seeds`` training seeds and measure each run (``judge``); returns a dict with
     ``base`` (the zoo's model before), ``methods`` (per method: the measures' mean, min and max over seeds,
     ``trained_weights``, ``seconds``), ``runs`` (every run's row), ``lora_merge_difference`` (the largest pixel
-    difference between a LoRA pipeline's images before and after ``merge_lora``) and ``seconds`` in all."""
+    difference between a LoRA pipeline's images before and after ``merge_lora``), ``pipelines`` (the first seed's
+    tuned pipelines, the LoRA one unmerged), ``prompts`` (the evaluation prompts) and ``seconds`` in all."""
     start = time.perf_counter()
     profile, device = zoo.pick(profile, device)
     budget = BUDGETS[profile]
@@ -109,7 +111,7 @@ def compare_methods(profile: str | None = None, progress: bool = True, device=No
 
     runs = {method: [] for method in METHODS}
     records = {method: [] for method in METHODS}
-    merge_difference = 0.0
+    merge_difference, examples = 0.0, {}
     for seed in tqdm(range(budget["seeds"]), desc="training seeds", disable=not progress):
         common = dict(batch_size=BATCH_SIZE, seed=seed, progress=progress)
         tuned = {
@@ -124,6 +126,8 @@ def compare_methods(profile: str | None = None, progress: bool = True, device=No
             prompts = new_prompts["ti" if method == "textual inversion" else "db"]
             runs[method].append(judge(tuned_pipe, prompts, old_prompts, class_prompts, classifier))
             records[method].append(record)
+        if seed == 0:  # the first seed's pipelines, for the chapter's pictures and files
+            examples = {method: copy.deepcopy(tuned_pipe) for method, (tuned_pipe, _) in tuned.items()}
         lora_pipe = tuned["LoRA"][0]
         before = sample(lora_pipe, new_prompts["db"][:8])
         lora.merge_lora(lora_pipe.unet)
@@ -136,4 +140,6 @@ def compare_methods(profile: str | None = None, progress: bool = True, device=No
         methods[method]["seconds"] = summarise([record.seconds for record in records[method]])
     return {"profile": profile, "seeds": budget["seeds"], "n_new": len(eval_specs), "n_old": len(old_prompts),
             "base": base, "methods": methods, "runs": runs, "lora_merge_difference": merge_difference,
-            "unet_weights": sum(p.numel() for p in pipe.unet.parameters()), "seconds": time.perf_counter() - start}
+            "unet_weights": sum(p.numel() for p in pipe.unet.parameters()), "pipelines": examples,
+            "prompts": {**new_prompts, "old": old_prompts, "class": class_prompts},
+            "seconds": time.perf_counter() - start}

@@ -1,7 +1,7 @@
 """Chapter 09's measurements: every method on the same footing, on a zoo trained with tiny budgets."""
 import pytest
 
-from ldm_teach import zoo, zoo_finetune
+from ldm_teach import lora, zoo, zoo_finetune
 
 TINY_BUDGET = {
     "vae": dict(images=16, steps=3, batch_size=4, learning_rate=2e-3, kl_weight=1e-6),
@@ -39,3 +39,8 @@ def test_compare_methods_reports_every_method_over_the_seeds(tiny_zoo):
     assert weights["DreamBooth"] == result["unet_weights"] > weights["LoRA"] > weights["textual inversion"]
     assert result["lora_merge_difference"] < 1e-4
     assert result["base"]["class_kept"] >= 0 and result["n_new"] == result["n_old"] == 2
+    examples = result["pipelines"]
+    assert list(examples) == list(zoo_finetune.METHODS)
+    assert any(isinstance(m, lora.LoRALinear) for m in examples["LoRA"].unet.modules())  # kept unmerged
+    assert examples["textual inversion"].tokenizer.added_tokens == [zoo_finetune.TOKEN]
+    assert len(result["prompts"]["ti"]) == len(result["prompts"]["db"]) == result["n_new"]
