@@ -104,6 +104,8 @@ EXERCISES: tuple[Exercise, ...] = (
           "check_ti_update", sources=("finetune.textual_inversion_update",)),
     _code("ex-prior-loss", "09_finetuning", "The prior-preservation loss", 10, "prior_preservation_loss",
           "check_prior_loss", sources=("finetune.prior_preservation_loss",)),
+    Exercise("ex-lora-rank", "09_finetuning", "How low can the rank go?", "open", 25, needs_training=True),
+    Exercise("ex-prior-weight", "09_finetuning", "Weighing the prior", "open", 25, needs_training=True),
 )
 
 BY_LABEL = {exercise.label: exercise for exercise in EXERCISES}
