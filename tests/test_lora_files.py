@@ -39,6 +39,18 @@ def reference_pipeline(folder):
     return pipe
 
 
+def metadata(config):
+    """An adapter's config as diffusers stores it; diffusers 0.39 reads rank_pattern and alpha_pattern from it."""
+    return {**config, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def folder_and_name(path):
+    """diffusers' (folder, weight_name=...) for a LoRA folder or file: offline, diffusers 0.39 needs the name."""
+    if path.is_dir():
+        return path, {"weight_name": "pytorch_lora_weights.safetensors"}
+    return path.parent, {"weight_name": path.name}
+
+
 def kohya_name(component: str, key: str) -> str:
     """A diffusers/PEFT key in kohya's naming: the module path with underscores, lora_down/lora_up."""
     module, _, part = key.rpartition(".lora_")
@@ -60,7 +72,7 @@ def lora_files(tiny_diffusers_pipeline, tmp_path_factory):
     layers = {c: {k: v * 4 for k, v in sd.items()} for c, sd in layers.items()}  # a change big enough to see
     StableDiffusionPipeline.save_lora_weights(
         out / "diffusers", unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        unet_lora_adapter_metadata=dict(UNET_LORA), text_encoder_lora_adapter_metadata=dict(TEXT_LORA))
+        unet_lora_adapter_metadata=metadata(UNET_LORA), text_encoder_lora_adapter_metadata=metadata(TEXT_LORA))
     kohya = {}
     for component, state_dict in layers.items():
         config = UNET_LORA if component == "unet" else TEXT_LORA
@@ -84,7 +96,8 @@ def images(pipe, ours: bool, scale: float, prompt: str = PROMPT):
 def test_lora_images_match_diffusers(tiny_diffusers_pipeline, lora_files, naming, scale):
     _, folder = tiny_diffusers_pipeline
     reference = reference_pipeline(folder)
-    reference.load_lora_weights(lora_files[naming])
+    lora_folder, name = folder_and_name(lora_files[naming])
+    reference.load_lora_weights(lora_folder, **name)
     ours = pretrained.load_pipeline(folder)
     plain = images(ours, True, scale)
     assert ours.load_lora_weights(lora_files[naming], scale=scale) == 6 * 2 * 4 + 2 * 4  # 6 transformer blocks x 2 attentions, 2 text layers; 4 projections each
