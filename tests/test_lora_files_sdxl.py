@@ -5,7 +5,7 @@ from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from tiny_sdxl import perturbed, sdxl_parts, sdxl_unet
+from tiny_sdxl import saved_sdxl_pipeline, sdxl_unet
 
 from ldm_teach import lora, pretrained
 
@@ -19,13 +19,9 @@ UNET_LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_
 def sdxl(tmp_path_factory):
     """(diffusers' pipeline, its folder, a folder with a U-Net LoRA saved by diffusers, the same LoRA in kohya's names)."""
     root = tmp_path_factory.mktemp("tiny_sdxl_lora")
-    torch.manual_seed(0)
-    (unet,) = perturbed(sdxl_unet())
-    pipe = StableDiffusionXLPipeline(unet=unet, **sdxl_parts(root / "vocabulary"), add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(root / "pipeline")
+    pipe, folder = saved_sdxl_pipeline(root)
     adapted = sdxl_unet()
-    adapted.load_state_dict(unet.state_dict())
+    adapted.load_state_dict(pipe.unet.state_dict())
     torch.manual_seed(1)
     adapted.add_adapter(LoraConfig(init_lora_weights=False, **UNET_LORA))
     layers = {key: value * 3 for key, value in get_peft_model_state_dict(adapted).items()}  # a change big enough to see
@@ -37,7 +33,7 @@ def sdxl(tmp_path_factory):
         kohya[name + {"A.weight": ".lora_down.weight", "B.weight": ".lora_up.weight"}[part]] = value.contiguous()
         kohya[name + ".alpha"] = torch.tensor(float(UNET_LORA["lora_alpha"]))
     save_file(kohya, root / "kohya.safetensors")
-    return pipe, root / "pipeline", root / "lora", root / "kohya.safetensors"
+    return pipe, folder, root / "lora", root / "kohya.safetensors"
 
 
 def images(pipe, prompt, ours, **options):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from tiny_sdxl import perturbed, sdxl_parts, sdxl_unet
+from tiny_sdxl import saved_sdxl_pipeline
 
 from ldm_teach import pipeline, pretrained
 from ldm_teach.clip import Tokenizer
@@ -17,12 +17,7 @@ PROMPTS = ["a red circle at the top left", "a small blue square"]
 @pytest.fixture(scope="module")
 def reference_folder(tmp_path_factory):
     """A tiny random SDXL pipeline (tests/tiny_sdxl.py), saved by diffusers."""
-    root = tmp_path_factory.mktemp("tiny_sdxl")
-    torch.manual_seed(0)
-    (unet,) = perturbed(sdxl_unet())
-    pipe = StableDiffusionXLPipeline(unet=unet, **sdxl_parts(root / "vocabulary"), add_watermarker=False)
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return saved_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))[1]
 
 
 @pytest.fixture(scope="module")

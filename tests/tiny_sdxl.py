@@ -52,3 +52,16 @@ def sdxl_parts(folder) -> dict:
                 tokenizer_2=CLIPTokenizer(*vocabulary, model_max_length=77, pad_token="!"),
                 scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                  steps_offset=1, timestep_spacing="leading"))
+
+
+def saved_sdxl_pipeline(root):
+    """A tiny random SDXL base pipeline built from the parts above (seed 0) and saved by diffusers into
+    ``root / "pipeline"``: (the pipeline, its folder)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    (unet,) = perturbed(sdxl_unet())
+    pipe = StableDiffusionXLPipeline(unet=unet, **sdxl_parts(root / "vocabulary"), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "pipeline")
+    return pipe, root / "pipeline"
