@@ -203,5 +203,5 @@ def tiny_controlnet(profile: str | None = None, retrain: bool = True, device=Non
 
 def training_record(name: str, profile: str | None = None) -> dict:
     """The manifest of a cached Chapter 07 model (``"inpainting_unet"`` or ``"controlnet"``): losses, seconds."""
-    return zoo.read_manifest(name, profile or runtime.pick_profile())
+    return zoo.read_manifest(name, profile or runtime.pick_budgets())
 

@@ -33,6 +33,18 @@ def test_chapter_starts_with_the_setup_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_budgets_follow_rt_budgets_and_gpu_sections_test_gpu_or_rehearsal(path):
+    """A rehearsal (LDM_TEACH_PROFILE=full LDM_TEACH_BUDGETS=quick) runs the full profile's code with the quick
+    budgets: a budget looked up by ``rt.profile`` would print the full budgets' numbers beside quick-budget
+    models, and a GPU-only section that tests ``rt.device`` itself would never be rehearsed."""
+    for cell in json.loads(path.read_text())["cells"]:
+        source = "".join(cell["source"]) if cell["cell_type"] == "code" else ""
+        assert not re.search(r"BUDGETS\[rt\.profile\]", source), f"{path.name}: use BUDGETS[rt.budgets]"
+        assert not re.search(r"rt\.profile == .full. and rt\.device", source), (
+            f"{path.name}: test rt.gpu_or_rehearsal for a GPU-only section")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_chapter_is_committed_without_outputs(path):
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] == "code":

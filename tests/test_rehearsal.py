@@ -86,3 +86,21 @@ def test_the_vgg16_standin_goes_where_torch_hub_looks(tmp_path, monkeypatch):
     small = {"features.0.weight": torch.zeros(1)}  # the file's place is the point here, not its 528 MB
     monkeypatch.setattr(rehearsal, "vgg16_state_dict", lambda seed=0, device="cpu": small)
     assert rehearsal.write_vgg16_standin(tmp_path) == expected and expected.is_file()
+
+
+def test_the_controlnet_standin_loads_by_its_hub_id_and_fits_the_standin_unet(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ldm_teach import pretrained_editing
+
+    hub_cache = tmp_path / "hub"
+    snapshot = rehearsal.write_controlnet_standin(hub_cache)
+    assert {p.name for p in snapshot.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors",
+                                                    "diffusion_pytorch_model.bin"}  # as lllyasviel's repository
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    controlnet = pretrained_editing.load_controlnet(rehearsal.CONTROLNET_REPO_ID, dtype=torch.float32)
+    latents, control = torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64)  # a 64x64 control image for 8x8 latents
+    with torch.no_grad():
+        down, middle = controlnet(latents, torch.tensor([10]), torch.randn(1, 77, 32), control)
+    assert len(down) == 12 and middle.shape == (1, 64, 1, 1)  # one residual per skip of the stand-in U-Net

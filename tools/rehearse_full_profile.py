@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CONTROLNET_REPO_ID = "lllyasviel/sd-controlnet-canny"  # chapter 07's ControlNet for Canny edges
 # A made-up commit hash: the stand-in is no revision of the real repository.
 STANDIN_COMMIT = hashlib.sha1(b"ldm_teach stand-in for stable-diffusion-v1-5").hexdigest()
 VGG16_FILE = "vgg16-397923af.pth"  # the name torch.hub gives perceptual.VGG16_URL's download
@@ -54,6 +55,7 @@ FULL_PROFILE_MARKS = {
     "02_vae": ["Perceptual (LPIPS) loss: VGG16 loaded", "latent shape (1, 4, 64, 64); round trip"],
     "03_clip": ["nearest:", "pooled similarity"],
     "06_inference": ["largest pixel difference", "peak GPU memory"],
+    "07_editing": ["ControlNet (Canny)", "steered by an edge map"],
 }
 SETUP_MARK = "profile full with the quick budgets"
 
@@ -233,6 +235,26 @@ def write_sd15_standin(hub_cache: Path, seed: int = 0) -> Path:
         return write_hub_cache_repo(Path(staging) / "repo", hub_cache)
 
 
+def write_controlnet_standin(hub_cache: Path, seed: int = 1) -> Path:
+    """The stand-in ``lllyasviel/sd-controlnet-canny``: as that repository, the ControlNet at its top
+    (``config.json``, ``diffusion_pytorch_model.safetensors`` and ``.bin``, float32, no fp16 variant), here a
+    random ControlNet for the stand-in SD 1.5 U-Net (its blocks and widths, the conditioning embedding's
+    default widths, so a 512x512 control image meets 64x64 latents). Returns its snapshot folder."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    unet_keys = ("in_channels", "layers_per_block", "block_out_channels", "attention_head_dim", "cross_attention_dim",
+                 "norm_num_groups", "flip_sin_to_cos", "freq_shift", "downsample_padding", "act_fn", "norm_eps")
+    down_blocks = TINY_UNET["down_block_types"]
+    controlnet = ControlNetModel(**{key: TINY_UNET[key] for key in unet_keys}, down_block_types=down_blocks)
+    with tempfile.TemporaryDirectory() as staging:
+        folder = Path(staging) / "repo"
+        controlnet.save_pretrained(folder)
+        torch.save(controlnet.state_dict(), folder / "diffusion_pytorch_model.bin")
+        return write_hub_cache_repo(folder, hub_cache, CONTROLNET_REPO_ID)
+
+
 def vgg16_state_dict(seed: int = 0, device: str = "cpu") -> dict:
     """torchvision's ``vgg16()`` state dict, names and shapes (138,357,544 numbers), random values: the
     convolutions as ``perceptual.VGG16Features`` (torchvision's module names) initialises them, the
@@ -274,10 +296,11 @@ def write_standins(folder: Path) -> None:
     env = rehearsal_environment(folder)
     start = time.perf_counter()
     snapshot = write_sd15_standin(Path(env["HF_HUB_CACHE"]))
+    controlnet = write_controlnet_standin(Path(env["HF_HUB_CACHE"]))
     vgg = write_vgg16_standin(Path(env["TORCH_HOME"]))
     files = sum(1 for p in snapshot.rglob("*") if p.is_symlink())
     print(f"stand-in weights written in {time.perf_counter() - start:.0f} s: {snapshot} ({files} files), "
-          f"{vgg} ({vgg.stat().st_size / 2**20:.0f} MiB)")
+          f"{controlnet}, {vgg} ({vgg.stat().st_size / 2**20:.0f} MiB)")
 
 
 def outputs_text(notebook) -> str:
@@ -333,6 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("chapters", nargs="*", help="chapter numbers (02 06); default: all")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     parser.add_argument("--keep", type=Path, help="a folder to keep the caches and executed notebooks in")
+    parser.add_argument("--zoo-cache", type=Path,
+                        help="a model cache of quick-budget models (LDM_TEACH_CACHE of a quick run) to start from, "
+                             "copied in, so that chapters after 05 need not train the tiny model again")
     args = parser.parse_args(argv)
     chapters = [p for p in CHAPTERS if not args.chapters or p.name[:2] in args.chapters]
     if not chapters:
@@ -347,6 +373,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     total_start = time.perf_counter()
     write_standins(folder)
+    if args.zoo_cache:  # the quick budgets' models are the same in a rehearsal: its budgets are the quick ones
+        shutil.copytree(args.zoo_cache, folder / "ldm_teach")
+        print(f"model cache copied from {args.zoo_cache}: {sorted(p.name for p in (folder / 'ldm_teach').iterdir())}")
     results = []
     for path in chapters:
         print(f"{path.stem} ...", flush=True)
